@@ -158,3 +158,52 @@ class Linear(nnx.Module):
         h = h * self.lora_e[...]
       y = y + h @ self.lora_b[...]
     return y
+
+
+def _path_name(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def adapted_layers(model: nnx.Module) -> dict[str, Linear]:
+  """Every adaptable ``Linear`` in ``model``, keyed by its dotted module path."""
+  return {_path_name(path): node for path, node in nnx.iter_graph(model)
+          if isinstance(node, Linear)}
+
+
+def matches(path: str, targets) -> bool:
+  """True when a module path ends with one of ``targets`` (PEFT's ``target_modules`` rule).
+
+  A target matches the last path component exactly (``"query"``) or a dotted suffix
+  (``"attention.query"``).
+  """
+  return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def init_adapters(model: nnx.Module, targets=("query", "value"), rank: int = 8, *,
+                  kind: str = "lora", rngs: nnx.Rngs, dtype=jnp.float32) -> dict[str, Linear]:
+  """Install fresh adapters on the layers whose path matches ``targets``.
+
+  As in PEFT, ``a`` is Kaiming-uniform-like random and ``b`` is zero, so δW = 0 at the
+  start. For ``kind="svd"`` (Med-LEGO's SVD-LoRA) ``e`` starts at zero and ``a``, ``b``
+  are random orthonormal-ish so the orthogonality penalty starts small.
+  Returns the layers that received an adapter; raises if none matched.
+  """
+  if kind not in ("lora", "svd"):
+    raise ValueError(f"kind must be 'lora' or 'svd', got {kind!r}")
+  if rank < 1:
+    raise ValueError(f"rank must be >= 1, got {rank}")
+  layers = {p: m for p, m in adapted_layers(model).items() if matches(p, targets)}
+  if not layers:
+    raise ValueError(f"no linear layer matches targets {tuple(targets)}; "
+                     f"candidates: {sorted(adapted_layers(model))[:8]} ...")
+  for _, layer in sorted(layers.items()):
+    n_in, n_out = layer.in_features, layer.out_features
+    if kind == "lora":
+      bound = 1.0 / jnp.sqrt(n_in)
+      a = jax.random.uniform(rngs.params(), (n_in, rank), dtype, -bound, bound)
+      layer.set_adapter(LoRA(a, jnp.zeros((rank, n_out), dtype)))
+    else:
+      a = jax.random.orthogonal(rngs.params(), max(n_in, rank))[:n_in, :rank].astype(dtype)
+      b = jax.random.orthogonal(rngs.params(), max(n_out, rank))[:rank, :n_out].astype(dtype)
+      layer.set_adapter(SVDLoRA(a, jnp.zeros((rank,), dtype), b))
+  return layers
