@@ -207,3 +207,42 @@ def init_adapters(model: nnx.Module, targets=("query", "value"), rank: int = 8, 
       b = jax.random.orthogonal(rngs.params(), max(n_out, rank))[:rank, :n_out].astype(dtype)
       layer.set_adapter(SVDLoRA(a, jnp.zeros((rank,), dtype), b))
   return layers
+
+
+# --- The exchange form: a nested dict keyed by module path, leaves LoRA / SVDLoRA. ---
+
+def to_flat(adapter) -> dict[str, Adapter]:
+  """{"layers": {"0": {"query": leaf}}} → {"layers.0.query": leaf}."""
+  flat = {}
+
+  def walk(node, prefix):
+    if is_lora(node):
+      flat[prefix] = node
+    elif isinstance(node, dict):
+      for key, child in node.items():
+        key = str(key)
+        if "." in key:
+          raise ValueError(f"adapter path component {key!r} contains '.'")
+        walk(child, f"{prefix}.{key}" if prefix else key)
+    else:
+      raise TypeError(f"adapter node at {prefix or '<root>'!r} is a {type(node).__name__}, "
+                      "expected a dict or a LoRA/SVDLoRA leaf")
+
+  walk(adapter, "")
+  return flat
+
+
+def from_flat(flat: dict[str, Adapter]) -> dict:
+  """{"layers.0.query": leaf} → {"layers": {"0": {"query": leaf}}}."""
+  tree: dict = {}
+  for path, leaf in sorted(flat.items()):
+    *parents, last = path.split(".")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"adapter path {path!r} runs through a leaf")
+    if last in node:
+      raise ValueError(f"adapter path {path!r} given twice or is a prefix of another")
+    node[last] = leaf
+  return tree
