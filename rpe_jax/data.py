@@ -1,0 +1,578 @@
+"""Labeled image datasets by URI, fixed-size batching with prefetch, per-model normalisation.
+
+URIs (``load(uri, split)`` / ``load_splits(uri)``):
+
+* ``medmnist:<flag>[:<size>]`` — the official MedMNIST file ``<data_root>/<flag>.npz`` (28 px)
+  or ``<flag>_<size>.npz`` with ``{train,val,test}_{images,labels}``; class names from the
+  ``medmnist`` package's ``INFO`` when installed (``pip install --no-deps medmnist``), else
+  inferred from the labels.
+* ``tfds:<name>[:<split>]`` — tensorflow-datasets' random-access ``data_source`` (array_record;
+  needs no TensorFlow) from ``data_root`` as the data dir. Without a split the dataset's
+  train / validation / test splits are used; with one, that split is divided 80/10/10.
+* ``folder:<path>`` — one subfolder per class (``<path>/<class>/*.png``), divided 70/15/15 by
+  ``seed``; or ``<path>/{train,val,test}/<class>/...`` when those folders exist.
+* ``sites:digits[/<site>][:<size>]`` — built-in: scikit-learn's 1797 real 8×8 digit scans
+  rendered at several acquisition sites (``SITES``), each with its own documented shift.
+* ``tasks:digits[/<task>][:<size>]`` — built-in multi-task family (Med-LEGO): different label
+  tasks (``TASKS``) on different image subsets and renderings.
+
+A family URI (``sites:digits``) names several datasets: ``members(uri)`` lists them.
+Everything malformed raises ``DatasetError`` naming the file or URI and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import threading
+import zipfile
+from typing import Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class DatasetError(ValueError):
+  """A dataset URI, file or folder that cannot be read as a labeled image dataset."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageDataset:
+  """An in-memory labeled image dataset: images [N, H, W, C] (uint8, or float in [0, 1])."""
+
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  name: str
+  class_names: tuple[str, ...]
+
+  def __post_init__(self):
+    if self.images.ndim != 4:
+      raise DatasetError(f"{self.name}: images must be [N, H, W, C], got shape {self.images.shape}")
+    if self.labels.shape != (self.images.shape[0],):
+      raise DatasetError(f"{self.name}: {self.images.shape[0]} images but labels of shape "
+                         f"{self.labels.shape}")
+    if len(self.class_names) != self.num_classes:
+      raise DatasetError(f"{self.name}: {len(self.class_names)} class names for "
+                         f"{self.num_classes} classes")
+    if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+      raise DatasetError(f"{self.name}: labels span [{self.labels.min()}, {self.labels.max()}], "
+                         f"outside [0, {self.num_classes})")
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+  def subset(self, index) -> "ImageDataset":
+    return dataclasses.replace(self, images=self.images[index], labels=self.labels[index])
+
+
+class Splits(NamedTuple):
+  train: ImageDataset
+  val: ImageDataset
+  test: ImageDataset
+
+
+def _dataset(images, labels, class_names, name) -> ImageDataset:
+  images = np.asarray(images)
+  if images.ndim == 3:   # grayscale [N, H, W]
+    images = images[..., None]
+  return ImageDataset(images, np.asarray(labels).astype(np.int32), len(class_names), name,
+                      tuple(class_names))
+
+
+def _split_fractions(ds: ImageDataset, fractions, seed: int) -> Splits:
+  """Divide one dataset into train/val/test by a seeded permutation."""
+  perm = np.random.default_rng(seed).permutation(len(ds))
+  n_train = int(round(fractions[0] * len(ds)))
+  n_val = int(round(fractions[1] * len(ds)))
+  parts = (perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:])
+  return Splits(*(dataclasses.replace(ds.subset(np.sort(p)), name=f"{ds.name}[{s}]")
+                  for p, s in zip(parts, Splits._fields)))
+
+
+# --- URIs ----------------------------------------------------------------------------------
+
+def _scheme(uri: str) -> tuple[str, str]:
+  if not isinstance(uri, str) or ":" not in uri:
+    raise DatasetError(f"dataset URI {uri!r} has no scheme; expected one of "
+                       "medmnist:, tfds:, folder:, sites:, tasks:")
+  scheme, rest = uri.split(":", 1)
+  if scheme not in _LOADERS:
+    raise DatasetError(f"unknown dataset URI scheme {scheme!r} in {uri!r}; expected one of "
+                       f"{', '.join(s + ':' for s in _LOADERS)}")
+  if not rest:
+    raise DatasetError(f"dataset URI {uri!r} names no dataset")
+  return scheme, rest
+
+
+def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> Splits:
+  """The train/val/test splits of the dataset ``uri`` names (see the module docstring)."""
+  scheme, rest = _scheme(uri)
+  return _LOADERS[scheme](rest, uri, data_root, seed)
+
+
+def load(uri: str, split: str = "train", *, data_root: str | None = None,
+         seed: int = 0) -> ImageDataset:
+  """One split ("train", "val" or "test") of the dataset ``uri`` names."""
+  if split not in Splits._fields:
+    raise DatasetError(f"split must be one of {Splits._fields}, got {split!r}")
+  return getattr(load_splits(uri, data_root=data_root, seed=seed), split)
+
+
+def members(uri: str) -> list[str]:
+  """The dataset URIs of a family (``sites:digits`` → one per site); ``[uri]`` otherwise."""
+  scheme, rest = _scheme(uri)
+  if scheme in ("sites", "tasks"):
+    family, member, size = _builtin_parts(rest, uri)
+    if member is None:
+      names = SITES if scheme == "sites" else TASKS
+      suffix = f":{size}" if size != _BUILTIN_SIZE else ""
+      return [f"{scheme}:{family}/{m}{suffix}" for m in names]
+  return [uri]
+
+
+# --- medmnist -------------------------------------------------------------------------------
+
+def _medmnist_info(flag: str) -> dict | None:
+  """MedMNIST metadata from the installed package, without importing its torch datasets.
+
+  ``import medmnist`` pulls in torch/torchvision dataset classes and prints to stdout when they
+  fail; its ``info.py`` alone is a plain dict, so load that file directly.
+  """
+  import importlib.util
+  spec = importlib.util.find_spec("medmnist")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], "info.py")
+  info_spec = importlib.util.spec_from_file_location("_medmnist_info", path)
+  module = importlib.util.module_from_spec(info_spec)
+  info_spec.loader.exec_module(module)
+  if flag not in module.INFO:
+    raise DatasetError(f"unknown MedMNIST flag {flag!r}; known: {', '.join(sorted(module.INFO))}")
+  return module.INFO[flag]
+
+
+def _load_medmnist(rest, uri, data_root, seed) -> Splits:
+  flag, _, size = rest.partition(":")
+  if size and not size.isdigit():
+    raise DatasetError(f"{uri!r}: size must be an integer (28, 64, 128, 224), got {size!r}")
+  if flag.endswith("3d"):
+    raise DatasetError(f"{uri!r}: 3-D MedMNIST datasets are not supported")
+  if data_root is None:
+    raise DatasetError(f"{uri!r} needs a data root (--data-root) holding {flag}.npz")
+  name = f"{flag}.npz" if size in ("", "28") else f"{flag}_{size}.npz"
+  path = os.path.join(data_root, name)
+  if not os.path.isfile(path):
+    raise DatasetError(f"MedMNIST file {path} not found (download it from "
+                       "https://zenodo.org/records/10519652)")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      keys = set(npz.files)
+      need = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
+      missing = [k for k in need if k not in keys]
+      if missing:
+        raise DatasetError(f"{path}: missing keys {missing} (has {sorted(keys)})")
+      arrays = {k: npz[k] for k in need}
+  except (zipfile.BadZipFile, OSError, ValueError) as e:
+    if isinstance(e, DatasetError):
+      raise
+    raise DatasetError(f"{path}: not a readable .npz file ({e})") from e
+  info = _medmnist_info(flag)
+  parts = []
+  for split in ("train", "val", "test"):
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+      raise DatasetError(f"{path}: {split}_images has shape {images.shape}; expected "
+                         "[N, H, W] or [N, H, W, 1|3]")
+    if labels.ndim == 2 and labels.shape[1] != 1:
+      raise DatasetError(f"{path}: {split}_labels has shape {labels.shape}: multi-label tasks "
+                         "are not supported")
+    labels = labels.reshape(-1)
+    if len(labels) != len(images):
+      raise DatasetError(f"{path}: {len(images)} {split}_images but {len(labels)} {split}_labels")
+    parts.append((images, labels))
+  if info is not None:
+    names = [info["label"][str(i)] for i in range(len(info["label"]))]
+  else:   # no metadata: classes are the label values seen in any split
+    n = 1 + max(int(lab.max()) for _, lab in parts if lab.size)
+    names = [str(i) for i in range(n)]
+  try:
+    return Splits(*(_dataset(im, lab, names, f"{uri}[{s}]")
+                    for (im, lab), s in zip(parts, Splits._fields)))
+  except DatasetError as e:
+    raise DatasetError(f"{path}: {e}") from e
+
+
+# --- tensorflow-datasets --------------------------------------------------------------------
+
+def _load_tfds(rest, uri, data_root, seed) -> Splits:
+  try:
+    import tensorflow_datasets as tfds  # lazy: optional dependency
+  except ImportError as e:
+    raise DatasetError(f"{uri!r} needs tensorflow-datasets (pip install tensorflow-datasets)") from e
+  name, _, split = rest.partition(":")
+  try:
+    builder = tfds.builder(name, data_dir=data_root)
+  except Exception as e:  # DatasetNotFoundError lists every dataset: keep the first line
+    raise DatasetError(f"{uri!r}: {str(e).splitlines()[0]}") from e
+  image_key, label_key = builder.info.supervised_keys or ("image", "label")
+  label_feature = builder.info.features[label_key]
+  names = list(getattr(label_feature, "names", None) or [])
+
+  def read(tfds_split) -> ImageDataset:
+    try:
+      source = tfds.data_source(name, split=tfds_split, data_dir=data_root, download=False)
+      records = [source[i] for i in range(len(source))]
+    except Exception as e:
+      raise DatasetError(f"{uri!r}: cannot read split {tfds_split!r} from data dir "
+                         f"{data_root}: {str(e).splitlines()[0]}") from e
+    if not records:
+      raise DatasetError(f"{uri!r}: split {tfds_split!r} is empty")
+    images = np.stack([np.asarray(r[image_key]) for r in records])
+    labels = np.asarray([r[label_key] for r in records])
+    return _dataset(images, labels, names or [str(i) for i in range(1 + labels.max())],
+                    f"{uri}[{tfds_split}]")
+
+  if split:
+    return _split_fractions(read(split), (0.8, 0.1), seed)
+  available = list(builder.info.splits) or ["train", "validation", "test"]
+  val = next((s for s in ("validation", "val", "valid") if s in available), None)
+  test = "test" if "test" in available else None
+  if "train" not in available:
+    raise DatasetError(f"{uri!r} has no train split (splits: {available})")
+  if val is None or test is None:
+    return _split_fractions(read("train"), (0.8, 0.1), seed)
+  return Splits(read("train"), read(val), read(test))
+
+
+# --- image folders --------------------------------------------------------------------------
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _read_folder(root: str, uri: str, class_names=None) -> ImageDataset:
+  from PIL import Image, UnidentifiedImageError
+  classes = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+  if not classes:
+    raise DatasetError(f"{root}: no class subfolders (expected <folder>/<class>/<image>)")
+  if class_names is not None and classes != list(class_names):
+    raise DatasetError(f"{root}: classes {classes} differ from the train split's {list(class_names)}")
+  images, labels, size, mode = [], [], None, None
+  for label, cls in enumerate(classes):
+    files = sorted(f for f in os.listdir(os.path.join(root, cls))
+                   if f.lower().endswith(_IMAGE_EXTENSIONS) and not f.startswith("."))
+    if not files:
+      raise DatasetError(f"{os.path.join(root, cls)}: class folder holds no images "
+                         f"({', '.join(_IMAGE_EXTENSIONS)})")
+    for f in files:
+      path = os.path.join(root, cls, f)
+      try:
+        with Image.open(path) as im:
+          im.load()
+          # One colour mode for the whole folder: the first image's (gray stays 1 channel).
+          mode = mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
+          size = size or im.size
+          im = im.convert(mode)
+          if im.size != size:   # mixed sizes: everything at the first image's size
+            im = im.resize(size, Image.BILINEAR)
+          images.append(np.asarray(im, dtype=np.uint8))
+      except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{path}: unreadable image ({e})") from e
+      labels.append(label)
+  return _dataset(np.stack(images), labels, classes, uri)
+
+
+def _load_folder(rest, uri, data_root, seed) -> Splits:
+  root = rest if os.path.isabs(rest) or data_root is None else os.path.join(data_root, rest)
+  if not os.path.isdir(root):
+    raise DatasetError(f"{uri!r}: folder {root} does not exist")
+  split_dirs = [os.path.join(root, s) for s in ("train", "val", "test")]
+  if all(os.path.isdir(d) for d in split_dirs):
+    train = _read_folder(split_dirs[0], f"{uri}[train]")
+    return Splits(train, *(_read_folder(d, f"{uri}[{s}]", train.class_names)
+                           for d, s in zip(split_dirs[1:], ("val", "test"))))
+  return _split_fractions(_read_folder(root, uri), (0.7, 0.15), seed)
+
+
+# --- built-in sites and tasks ---------------------------------------------------------------
+
+_BUILTIN_SIZE = 32
+
+# Each site re-renders real digit scans with the shift of one "scanner/vendor", like the
+# prostate MRI sites of the seeds. Keys (applied in this order, all per-site constants plus
+# small per-image jitter where noted):
+#   rotate   rotation in degrees (± 5° jitter per image)     — patient positioning
+#   lowres   acquired at this many pixels, then upsampled    — resolution
+#   blur     Gaussian σ in output pixels                     — point-spread function
+#   gamma / contrast / offset   y = offset + contrast · x^gamma  — intensity response
+#   bias     amplitude of a smooth multiplicative field 1 + bias·(ramp)  — coil bias field
+#   invert   y = 1 − y                                       — inverted contrast weighting
+#   noise    Rician noise σ: |y + n₁ + i n₂|                 — thermal noise
+SITES: dict[str, dict] = {
+    "clean": {},
+    "blur": {"lowres": 12, "blur": 1.2},
+    "lowcontrast": {"gamma": 1.8, "contrast": 0.5, "offset": 0.25},
+    "noisy": {"noise": 0.2},
+    "bias": {"bias": 0.9},
+    "inverted": {"invert": True, "gamma": 0.8},
+    "rotated": {"rotate": 35.0},
+    "scanner": {"lowres": 16, "blur": 0.8, "gamma": 0.7, "noise": 0.08},
+}
+
+# Label tasks for Med-LEGO: (classes, label function of the digit, site rendering).
+_LOOPS = np.array([1, 0, 0, 0, 1, 0, 1, 0, 2, 1])   # closed loops in each digit's glyph
+TASKS: dict[str, tuple[tuple[str, ...], Callable, str]] = {
+    "digit": (tuple(str(i) for i in range(10)), lambda d: d, "clean"),
+    "parity": (("even", "odd"), lambda d: d % 2, "blur"),
+    "large": (("<5", ">=5"), lambda d: (d >= 5).astype(int), "lowcontrast"),
+    "loops": (("0 loops", "1 loop", "2 loops"), lambda d: _LOOPS[d], "noisy"),
+    "prime": (("not prime", "prime"), lambda d: np.isin(d, (2, 3, 5, 7)).astype(int), "bias"),
+}
+
+_PER_SITE = 900   # images drawn (without replacement) from the 1797 for each site or task
+
+
+def _builtin_parts(rest, uri):
+  body, _, size = rest.partition(":")
+  family, _, member = body.partition("/")
+  if family != "digits":
+    raise DatasetError(f"{uri!r}: unknown built-in family {family!r} (available: digits)")
+  if size and (not size.isdigit() or int(size) < 8):
+    raise DatasetError(f"{uri!r}: size must be an integer >= 8, got {size!r}")
+  return family, member or None, int(size) if size else _BUILTIN_SIZE
+
+
+def render_site(scans: np.ndarray, site: str, size: int = _BUILTIN_SIZE, *,
+                seed: int = 0) -> np.ndarray:
+  """Render 8×8 scans in [0, 1] as uint8 [N, size, size, 1] images with the site's shift."""
+  from scipy import ndimage
+  if site not in SITES:
+    raise DatasetError(f"unknown site {site!r}; sites: {', '.join(SITES)}")
+  p = SITES[site]
+  rng = np.random.default_rng([seed, sorted(SITES).index(site), 1])
+  n = scans.shape[0]
+  acquired = p.get("lowres", size)
+  x = ndimage.zoom(scans, (1, acquired / 8, acquired / 8), order=1, grid_mode=True,
+                   mode="grid-constant")
+  if "rotate" in p:
+    angles = p["rotate"] + rng.uniform(-5, 5, n)
+    x = np.stack([ndimage.rotate(im, a, reshape=False, order=1) for im, a in zip(x, angles)])
+  if acquired != size:
+    x = ndimage.zoom(x, (1, size / acquired, size / acquired), order=0, grid_mode=True,
+                     mode="grid-constant")
+  if "blur" in p:
+    x = ndimage.gaussian_filter(x, (0, p["blur"], p["blur"]))
+  x = np.clip(x, 0.0, 1.0)
+  x = p.get("offset", 0.0) + p.get("contrast", 1.0) * x ** p.get("gamma", 1.0)
+  if "bias" in p:
+    t = np.linspace(-1.0, 1.0, size)
+    ramp = (t[None, :, None] + 0.5 * t[None, None, :]) / 1.5   # fixed direction per site
+    x = x * (1.0 + p["bias"] * ramp)
+  if p.get("invert"):
+    x = 1.0 - x
+  if "noise" in p:
+    x = np.hypot(x + rng.normal(0, p["noise"], x.shape), rng.normal(0, p["noise"], x.shape))
+  return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)[..., None]
+
+
+def _digits(member_index: int, seed: int):
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  rng = np.random.default_rng([seed, member_index, 0])
+  index = np.sort(rng.choice(len(digits.target), _PER_SITE, replace=False))
+  return digits.images[index] / 16.0, digits.target[index]
+
+
+def _load_sites(rest, uri, data_root, seed) -> Splits:
+  family, site, size = _builtin_parts(rest, uri)
+  if site is None:
+    raise DatasetError(f"{uri!r} is a family of sites; load one of: {', '.join(members(uri))}")
+  if site not in SITES:
+    raise DatasetError(f"{uri!r}: unknown site {site!r}; sites: {', '.join(SITES)}")
+  scans, digits = _digits(list(SITES).index(site), seed)
+  ds = _dataset(render_site(scans, site, size, seed=seed), digits,
+                [str(i) for i in range(10)], uri)
+  return _split_fractions(ds, (0.6, 0.2), seed)
+
+
+def _load_tasks(rest, uri, data_root, seed) -> Splits:
+  family, task, size = _builtin_parts(rest, uri)
+  if task is None:
+    raise DatasetError(f"{uri!r} is a family of tasks; load one of: {', '.join(members(uri))}")
+  if task not in TASKS:
+    raise DatasetError(f"{uri!r}: unknown task {task!r}; tasks: {', '.join(TASKS)}")
+  names, label_fn, site = TASKS[task]
+  scans, digits = _digits(100 + list(TASKS).index(task), seed)
+  ds = _dataset(render_site(scans, site, size, seed=seed), label_fn(digits), names, uri)
+  return _split_fractions(ds, (0.6, 0.2), seed)
+
+
+_LOADERS = {"medmnist": _load_medmnist, "tfds": _load_tfds, "folder": _load_folder,
+            "sites": _load_sites, "tasks": _load_tasks}
+
+
+# --- batching -------------------------------------------------------------------------------
+
+class Batch(NamedTuple):
+  """A fixed-size batch; ``mask`` is False on the rows that pad a ragged tail."""
+
+  images: np.ndarray
+  labels: np.ndarray
+  mask: np.ndarray
+
+
+def num_batches(n: int, batch_size: int, tail: str = "pad") -> int:
+  return n // batch_size if tail == "drop" else -(-n // batch_size)
+
+
+def batches(dataset: ImageDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+            epoch: int = 0, tail: str = "pad", prefetch: int = 2,
+            transform: Callable | None = None) -> Iterator[Batch]:
+  """Iterate over ``dataset`` in batches of exactly ``batch_size`` rows.
+
+  The order is a permutation seeded by (seed, epoch) when ``shuffle``. ``tail``: "pad"
+  repeats the last rows to fill the final batch and masks them out (fixed shapes: one jit
+  compile), "drop" drops it, "short" yields it shorter. ``transform`` (e.g. a
+  ``Normalization``) is applied to the images in a background thread that keeps up to
+  ``prefetch`` batches ready (0: no thread).
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if tail not in ("pad", "drop", "short"):
+    raise ValueError(f"tail must be 'pad', 'drop' or 'short', got {tail!r}")
+  n = len(dataset)
+  order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
+           else np.arange(n))
+
+  def produce():
+    for i in range(num_batches(n, batch_size, tail)):
+      index = order[i * batch_size:(i + 1) * batch_size]
+      mask = np.ones(len(index), bool)
+      if tail == "pad" and len(index) < batch_size:
+        fill = batch_size - len(index)
+        index = np.concatenate([index, np.resize(index, fill)])
+        mask = np.concatenate([mask, np.zeros(fill, bool)])
+      images = dataset.images[index]
+      yield Batch(transform(images) if transform else images, dataset.labels[index], mask)
+
+  return _prefetched(produce, prefetch) if prefetch > 0 else produce()
+
+
+_END = object()
+
+
+def _prefetched(produce, size: int):
+  """Run the generator ``produce()`` in a daemon thread, ``size`` items ahead."""
+  items: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def work():
+    try:
+      for item in produce():
+        if not put(item):
+          return
+      put(_END)
+    except BaseException as e:  # re-raised in the consumer
+      put(e)
+
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = items.get()
+      if item is _END:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+# --- per-model normalisation ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """HF image-processor preprocessing as one jit-able function of a batch of images.
+
+  uint8 images are rescaled by ``rescale`` (1/255) — float images are taken as already in
+  [0, 1] — resized (bilinear) to ``image_size``, given ``num_channels`` (gray is repeated to
+  RGB), then normalised (x − mean) / std. ViT's default mean = std = 0.5 maps to [−1, 1].
+  """
+
+  image_size: int | tuple[int, int]
+  num_channels: int = 3
+  mean: tuple[float, ...] | None = None   # None: 0.5 per channel (HF ViT's default)
+  std: tuple[float, ...] | None = None
+  rescale: float = 1.0 / 255.0
+
+  def __post_init__(self):
+    size = self.image_size
+    size = (size, size) if isinstance(size, (int, np.integer)) else tuple(int(t) for t in size)
+    object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+    for name in ("mean", "std"):
+      value = getattr(self, name)
+      value = (0.5,) * self.num_channels if value is None else tuple(float(v) for v in value)
+      object.__setattr__(self, name, value)
+      if len(getattr(self, name)) != self.num_channels:
+        raise ValueError(f"Normalization: {name} {getattr(self, name)} has "
+                         f"{len(getattr(self, name))} entries for {self.num_channels} channels")
+    if not all(s > 0 for s in self.std):
+      raise ValueError(f"Normalization: std must be positive, got {self.std}")
+
+  @classmethod
+  def for_model(cls, model_or_config, mean=None, std=None) -> "Normalization":
+    """From a model (or config) with ``image_size`` and ``num_channels``; ViT's defaults."""
+    config = getattr(model_or_config, "config", model_or_config)
+    c = int(getattr(config, "num_channels", 3))
+    return cls(config.image_size, c, tuple(mean or (0.5,) * c), tuple(std or (0.5,) * c))
+
+  @classmethod
+  def from_hf(cls, folder: str, num_channels: int = 3) -> "Normalization":
+    """From an HF ``preprocessor_config.json`` (image_mean, image_std, size, rescale_factor)."""
+    path = os.path.join(folder, "preprocessor_config.json")
+    try:
+      with open(path) as f:
+        cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise DatasetError(f"{path}: cannot read the image processor config ({e})") from e
+    size = cfg.get("size", 224)
+    if isinstance(size, dict):
+      if "height" not in size or "width" not in size:
+        raise DatasetError(f"{path}: size {size} has no height/width (only fixed-size resizing "
+                           "is supported)")
+      size = (size["height"], size["width"])
+    mean = tuple(cfg.get("image_mean", (0.5,) * num_channels)) if cfg.get("do_normalize", True) \
+        else (0.0,) * num_channels
+    std = tuple(cfg.get("image_std", (0.5,) * num_channels)) if cfg.get("do_normalize", True) \
+        else (1.0,) * num_channels
+    rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
+    return cls(size, num_channels, mean, std, float(rescale))
+
+  def __call__(self, images):
+    x = jnp.asarray(images)
+    if x.ndim != 4:
+      raise ValueError(f"images must be [N, H, W, C], got shape {x.shape}")
+    scale = self.rescale if x.dtype == jnp.uint8 else 1.0
+    x = x.astype(jnp.float32) * scale
+    c = x.shape[-1]
+    if c != self.num_channels:
+      if c != 1:
+        raise ValueError(f"images have {c} channels; the model expects {self.num_channels}")
+      x = jnp.repeat(x, self.num_channels, axis=-1)
+    if tuple(x.shape[1:3]) != self.image_size:
+      x = jax.image.resize(x, (x.shape[0], *self.image_size, x.shape[-1]), "bilinear")
+    return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
