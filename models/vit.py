@@ -372,11 +372,11 @@ class ViTForImageClassification(nnx.Module):
 
 # --- HF checkpoint key map ------------------------------------------------------------------
 #
-# (our parameter path, HF keys, transform). ``{i}`` is a layer index. The first HF key is the
-# name checkpoint files use (and ``models.hf.save`` writes); the others are accepted on load.
-# The key whose module part names the transformers-v5 module (``q_proj``...) is what PEFT
-# adapters use in v5. Transforms (applied by models.hf): "linear" = torch [out, in] → [in,
-# out]; "conv" = [out, in, kh, kw] → [kh, kw, in, out]; "none".
+# (our parameter path, HF keys, transform). ``{i}`` is a layer index. Every HF key listed is
+# accepted on load; keys[0] is the name checkpoint files use (what HF save_pretrained and
+# ``models.hf.save`` write); keys[-1] is the transformers-v5 in-memory name (``q_proj``...),
+# the module path PEFT adapters use under transformers 5. Transforms (applied by models.hf):
+# "linear" = torch [out, in] → [in, out]; "conv" = [out, in, kh, kw] → [kh, kw, in, out].
 
 _ENCODER_MAP = (
     ("embeddings.cls_token", ("embeddings.cls_token",), "none"),
@@ -420,20 +420,21 @@ def _prefixed(rules, prefix):
   return tuple((prefix + ours, tuple(prefix + k for k in keys), tf) for ours, keys, tf in rules)
 
 
-def hf_key_map(model: ViTModel | ViTForImageClassification):
-  """The declarative key map of ``model``: (rules, ignored HF key patterns).
+def hf_key_map(model: ViTModel | ViTForImageClassification) -> dict:
+  """The declarative key map of ``model`` for ``models.hf``.
 
-  A ViTModel also accepts the keys with a ``vit.`` prefix (checkpoints saved from a
-  task model's base).
+  ``rules``: (our path, HF keys, transform); ``ignored``: HF keys deliberately unused;
+  ``strip_prefixes``: prefixes an HF key may carry and that load drops (a ViTModel accepts
+  the ``vit.``-prefixed keys of a checkpoint saved from a task model's base, as HF does).
   """
   if isinstance(model, ViTForImageClassification):
     rules = _prefixed(_ENCODER_MAP, "vit.") + (
         ("classifier.kernel", ("classifier.weight",), "linear"),
         ("classifier.bias", ("classifier.bias",), "none"))
-    return rules, tuple("vit." + k for k in _ENCODER_IGNORED)
+    return dict(rules=rules, ignored=tuple("vit." + k for k in _ENCODER_IGNORED),
+                strip_prefixes=())
   rules = _ENCODER_MAP + (_POOLER_MAP if model.pooler is not None else ())
-  rules = tuple((ours, keys + tuple("vit." + k for k in keys), tf) for ours, keys, tf in rules)
-  return rules, _ENCODER_IGNORED + tuple("vit." + k for k in _ENCODER_IGNORED)
+  return dict(rules=rules, ignored=_ENCODER_IGNORED, strip_prefixes=("vit.",))
 
 
 def hf_config_fixup(config: ViTConfig, architecture: str, keys) -> ViTConfig:
