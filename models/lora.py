@@ -13,10 +13,11 @@ Both are registered pytree dataclasses whose children are the arrays, so
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -49,6 +50,17 @@ class LoRA:
     """w · δW, exactly: the weight goes on one factor only."""
     return LoRA(self.a, (w * self.b).astype(self.b.dtype))
 
+  def to_lora(self) -> "LoRA":
+    return self
+
+  def to_svd(self) -> "SVDLoRA":
+    """The exact SVD form (orthonormal a, b; e sorted, non-negative); see `truncate`."""
+    return truncate(self)
+
+  def truncate(self, rank: int | None = None, energy: float | None = None) -> "SVDLoRA":
+    """Best rank-``rank`` / energy-``energy`` approximation; see the function `truncate`."""
+    return truncate(self, rank=rank, energy=energy)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +87,20 @@ class SVDLoRA:
     return (self.a * self.e[..., None, :]) @ self.b
 
   def scale(self, w) -> "SVDLoRA":
+    """w · δW, exactly: the weight goes on e (a negative w leaves e negative)."""
     return SVDLoRA(self.a, (w * self.e).astype(self.e.dtype), self.b)
+
+  def to_lora(self) -> LoRA:
+    """The same update as a plain LoRA, e folded into b: b ← diag(e) b."""
+    return LoRA(self.a, (self.e[..., :, None] * self.b).astype(self.b.dtype))
+
+  def to_svd(self) -> "SVDLoRA":
+    """The exact SVD form (orthonormal a, b; e sorted, non-negative); see `truncate`."""
+    return truncate(self)
+
+  def truncate(self, rank: int | None = None, energy: float | None = None) -> "SVDLoRA":
+    """Best rank-``rank`` / energy-``energy`` approximation; see the function `truncate`."""
+    return truncate(self, rank=rank, energy=energy)
 
 
 Adapter = Union[LoRA, SVDLoRA]
@@ -84,6 +109,156 @@ Adapter = Union[LoRA, SVDLoRA]
 def is_lora(x) -> bool:
   """``is_leaf`` predicate: True for LoRA and SVDLoRA leaves."""
   return isinstance(x, (LoRA, SVDLoRA))
+
+
+def check_leaf(leaf, where: str = "adapter") -> None:
+  """Raise a ValueError naming ``where`` unless ``leaf`` is a well-formed 2-D LoRA/SVDLoRA."""
+  if not is_lora(leaf):
+    raise TypeError(f"{where}: expected a LoRA or SVDLoRA leaf, got {type(leaf).__name__}")
+  a, b = leaf.a, leaf.b
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+    raise ValueError(f"{where}: factors must be a [in, r] and b [r, out], "
+                     f"got a {tuple(a.shape)} and b {tuple(b.shape)}")
+  if isinstance(leaf, SVDLoRA) and tuple(leaf.e.shape) != (a.shape[1],):
+    raise ValueError(f"{where}: e must have shape ({a.shape[1]},), got {tuple(leaf.e.shape)}")
+
+
+def _compute_dtype(dtype):
+  """Linear algebra runs in float32 or wider, whatever the storage dtype."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def concat(leaves: Sequence[Adapter], weights=None) -> Adapter:
+  """Σ_i w_i δW_i exactly, as one leaf of rank Σ_i r_i (rank concatenation).
+
+  a = [a_1 … a_k] and b = [w_1 b_1; …; w_k b_k], so a @ b = Σ_i w_i a_i b_i: no cross
+  terms, any ranks, any sign of w. All SVD-LoRA → SVD-LoRA with e = [w_1 e_1, …, w_k e_k];
+  otherwise → LoRA with each e_i folded into its b_i. ``weights`` ([k], may be traced;
+  None means all ones). The result is stored in the common dtype of the inputs.
+  """
+  leaves = list(leaves)
+  if not leaves:
+    raise ValueError("concat: leaves is empty")
+  for i, leaf in enumerate(leaves):
+    check_leaf(leaf, f"concat: leaves[{i}]")
+  shape = leaves[0].shape
+  for i, leaf in enumerate(leaves):
+    if leaf.shape != shape:
+      raise ValueError(f"concat: leaves[{i}] has shape {leaf.shape}, leaves[0] has {shape}")
+  if weights is None:
+    weights = jnp.ones((len(leaves),), jnp.float32)
+  weights = jnp.asarray(weights)
+  if weights.shape != (len(leaves),):
+    raise ValueError(f"concat: weights must have shape ({len(leaves)},), "
+                     f"got {tuple(weights.shape)}")
+  dtype = jnp.result_type(*[x for leaf in leaves for x in jax.tree.leaves(leaf)])
+  a = jnp.concatenate([leaf.a.astype(dtype) for leaf in leaves], axis=1)
+  if all(isinstance(leaf, SVDLoRA) for leaf in leaves):
+    e = jnp.concatenate([(w * leaf.e).astype(dtype) for w, leaf in zip(weights, leaves)])
+    b = jnp.concatenate([leaf.b.astype(dtype) for leaf in leaves], axis=0)
+    return SVDLoRA(a, e, b)
+  bs = []
+  for w, leaf in zip(weights, leaves):
+    bw = w * leaf.b if isinstance(leaf, LoRA) else (w * leaf.e)[:, None] * leaf.b
+    bs.append(bw.astype(dtype))
+  return LoRA(a, jnp.concatenate(bs, axis=0))
+
+
+def _energy_count(s: np.ndarray, energy: float, eps: float) -> int:
+  """Med-LEGO's rule: the smallest r with Σ_{i≤r} s_i ≥ v · Σ_i s_i (at least 1)."""
+  return max(1, int(np.sum(_energy_keep(s, energy, eps, np))))
+
+
+def _energy_keep(s, energy: float, eps: float, xp=jnp):
+  """Mask of the kept singular values (s sorted descending): keep i while the sum *before*
+  it is still short of v · Σ s. A slack of (len(s) · eps) · Σ s absorbs rounding, so v = 1
+  keeps the exact rank and drops numerically-zero directions."""
+  total = xp.sum(s)
+  before = xp.cumsum(s) - s
+  return before < energy * total - len(s) * eps * total
+
+
+def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None) -> "SVDLoRA":
+  """Truncated SVD of δW computed from the factors only; δW is never formed.
+
+  With a [in, R], core C (diag(e) or I) and b [R, out]:
+    a = Qa Ra,  bᵀ = Qb Rb                          (thin QR, O((in + out) R²))
+    Ra C Rbᵀ = U diag(s) Vᵀ                          (SVD of an R × R matrix)
+    δW = (Qa U) diag(s) (Vᵀ Qbᵀ)                     (an exact SVD of δW)
+  and the top r triplets are kept: SVDLoRA(Qa U[:, :r], s[:r], Vᵀ[:r] Qbᵀ), the best
+  rank-r approximation (Eckart–Young).
+
+  rank: static cap on the result's rank (a Python int; the result has rank
+    min(rank, R, in, out)). None keeps every direction (the exact SVD form of δW).
+  energy: Med-LEGO's threshold v in (0, 1]: keep the smallest r with
+    Σ_{i≤r} s_i ≥ v Σ_i s_i. The number kept depends on the values, so:
+    * with ``rank`` given, the result has the static rank ``rank`` and the singular values
+      beyond the threshold are set to zero (works under jit/vmap; `compact` drops them
+      afterwards, eagerly);
+    * without ``rank``, the cut is eager: the values must be concrete (outside jit).
+  QR and SVD run in float32 or wider; the factors are cast back to the leaf's dtype.
+  """
+  check_leaf(leaf, "truncate")
+  if rank is not None and (not isinstance(rank, (int, np.integer)) or isinstance(rank, bool)
+                           or rank < 1):
+    raise ValueError(f"truncate: rank must be a static int >= 1, got {rank!r}")
+  if energy is not None:
+    if not isinstance(energy, (float, int, np.floating)) or not 0.0 < float(energy) <= 1.0:
+      raise ValueError(f"truncate: energy must be a number in (0, 1], got {energy!r}")
+    energy = float(energy)
+  dtype = leaf.dtype
+  ct = _compute_dtype(jnp.result_type(*jax.tree.leaves(leaf)))
+  a, b = leaf.a.astype(ct), leaf.b.astype(ct)
+  qa, ra = jnp.linalg.qr(a)                     # [in, p], [p, R]
+  qb, rb = jnp.linalg.qr(b.T)                   # [out, q], [q, R]
+  if isinstance(leaf, SVDLoRA):
+    ra = ra * leaf.e.astype(ct)
+  u, s, vt = jnp.linalg.svd(ra @ rb.T, full_matrices=False)   # the small core
+  r = s.shape[0] if rank is None else min(int(rank), s.shape[0])
+  if energy is not None:
+    eps = float(jnp.finfo(ct).eps)
+    if rank is None:
+      if isinstance(s, jax.core.Tracer):
+        raise ValueError(
+            "truncate: energy without rank needs concrete values; under jit/vmap pass a "
+            "static rank= cap (components beyond the threshold are then zeroed)")
+      r = min(r, _energy_count(np.asarray(s), energy, eps))
+    else:
+      s = jnp.where(_energy_keep(s, energy, eps), s, 0)
+  return SVDLoRA((qa @ u[:, :r]).astype(dtype), s[:r].astype(dtype),
+                 (vt[:r] @ qb.T).astype(dtype))
+
+
+def compact(leaf: Adapter, tol: float = 0.0) -> Adapter:
+  """Drop the directions whose |e| <= tol (eager; e.g. after a masked energy truncation)."""
+  check_leaf(leaf, "compact")
+  if not isinstance(leaf, SVDLoRA):
+    return leaf
+  keep = np.abs(np.asarray(leaf.e, dtype=np.float64)) > tol
+  if not keep.any():
+    keep[0] = True   # keep the shape meaningful: a rank-1 zero update
+  idx = np.nonzero(keep)[0]
+  return SVDLoRA(leaf.a[:, idx], leaf.e[idx], leaf.b[idx])
+
+
+def orthogonality_penalty(leaf: Adapter) -> jax.Array:
+  """Med-LEGO's regulariser ‖aᵀa − I‖²_F + ‖b bᵀ − I‖²_F (in float32 or wider).
+
+  In the paper's notation (Δ = B E A, B [out, r], A [r, in]) this is ‖BᵀB − I‖² + ‖AAᵀ − I‖²;
+  with our a = Aᵀ and b = Bᵀ both Gram matrices are r × r.
+  """
+  check_leaf(leaf, "orthogonality_penalty")
+  ct = _compute_dtype(leaf.dtype)
+  a, b = leaf.a.astype(ct), leaf.b.astype(ct)
+  eye = jnp.eye(a.shape[1], dtype=ct)
+  return jnp.sum((a.T @ a - eye) ** 2) + jnp.sum((b @ b.T - eye) ** 2)
+
+
+def total_orthogonality_penalty(adapter) -> jax.Array:
+  """Σ of `orthogonality_penalty` over the SVD-LoRA leaves of an adapter tree (plain LoRA
+  leaves carry no orthogonality constraint and are skipped)."""
+  leaves = [x for x in jax.tree.leaves(adapter, is_leaf=is_lora) if isinstance(x, SVDLoRA)]
+  return sum((orthogonality_penalty(x) for x in leaves), jnp.zeros((), jnp.float32))
 
 
 class LoRAParam(nnx.Param):
@@ -127,8 +302,7 @@ class Linear(nnx.Module):
     if adapter is None:
       self.lora_a = self.lora_e = self.lora_b = None
       return
-    if not is_lora(adapter):
-      raise TypeError(f"expected a LoRA or SVDLoRA leaf, got {type(adapter).__name__}")
+    check_leaf(adapter, "set_adapter")
     if adapter.shape != (self.in_features, self.out_features):
       raise ValueError(
           f"adapter shape {adapter.shape} does not match the layer's kernel "
@@ -138,15 +312,28 @@ class Linear(nnx.Module):
     self.lora_e = LoRAParam(adapter.e) if isinstance(adapter, SVDLoRA) else None
 
   def merge(self) -> None:
-    """Fold the adapter into the kernel (W ← W + δW, computed in float32) and drop it."""
+    """Fold the adapter into the kernel (W ← W + δW, computed in float32 or wider) and drop it.
+
+    The kernel Variable is replaced, not written in place, so a model that shares the old
+    Variable (``nnx.merge(..., copy=False)``) keeps its kernel; metadata is carried over.
+    """
     adapter = self.adapter
     if adapter is None:
       return
-    kernel = self.kernel[...]
-    delta = jax.tree.map(lambda t: t.astype(jnp.promote_types(t.dtype, jnp.float32)),
-                         adapter).delta()
-    self.kernel = nnx.Param((kernel.astype(delta.dtype) + delta).astype(kernel.dtype))
+    self.add_to_kernel(adapter)
     self.set_adapter(None)
+
+  def add_to_kernel(self, adapter: Adapter) -> None:
+    """W ← W + δW of ``adapter`` (in float32 or wider, cast back to the kernel's dtype)."""
+    check_leaf(adapter, "add_to_kernel")
+    if adapter.shape != (self.in_features, self.out_features):
+      raise ValueError(
+          f"adapter shape {adapter.shape} does not match the layer's kernel "
+          f"({self.in_features}, {self.out_features})")
+    kernel = self.kernel[...]
+    ct = _compute_dtype(jnp.result_type(kernel, *jax.tree.leaves(adapter)))
+    delta = jax.tree.map(lambda t: t.astype(ct), adapter).delta()
+    self.kernel = self.kernel.replace((kernel.astype(ct) + delta).astype(kernel.dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = x @ self.kernel[...]
