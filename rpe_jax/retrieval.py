@@ -1,0 +1,172 @@
+"""Exact top-k retrieval of prototypes by squared L2 distance, jit-compiled.
+
+For a target z and references z_i (rows of a device-resident matrix Z),
+
+    d_i² = ‖z‖² − 2 z·z_i + ‖z_i‖²,
+
+so ranking needs one matrix product Z z (the floor) and a top-k of 2 z·z_i − ‖z_i‖²
+(‖z‖² is constant per target). The k winners are then re-measured directly,
+d_i² = Σ (z − z_i)², which is exact where the expanded form cancels, and sorted by
+(distance, index): ties go to the smaller index, deterministically.
+
+The result carries what the weighting step's Gram form needs — c_i = z·z_i, ‖z_i‖², ‖z‖²
+and the k reference vectors — so it never has to touch the whole library again.
+
+Shapes are bucketed so the compiled function is reused as the library grows: the
+reference count is padded to a power of two (to 1024) or a multiple of 1024, the
+padding rows have ‖z_i‖² = +inf and can never be chosen; the batch is padded to a power
+of two.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class RetrievalError(ValueError):
+  """Bad retrieval input: wrong shape, non-finite values, k out of range."""
+
+
+class PrototypeIndex(NamedTuple):
+  """Device-resident prototypes of one encoder: ``matrix`` [N_pad, d], ``sqnorm`` [N_pad]."""
+
+  names: np.ndarray        # [N] str (object array), row order of the matrix
+  matrix: jax.Array
+  sqnorm: jax.Array
+
+  @property
+  def size(self) -> int:
+    return len(self.names)
+
+  @property
+  def dim(self) -> int:
+    return int(self.matrix.shape[1])
+
+
+class Retrieval(NamedTuple):
+  """The k nearest references per target, nearest first ([k] fields for a single target).
+
+  names [B, k] (numpy str), distances [B, k] = ‖z − z_i‖², indices [B, k] (rows of the
+  index, i.e. positions in ``Library.prototypes(encoder).names``), inner [B, k] = z·z_i,
+  ref_sqnorm [B, k] = ‖z_i‖², target_sqnorm [B] = ‖z‖², references [B, k, d] = z_i.
+  """
+
+  names: np.ndarray
+  distances: jax.Array
+  indices: jax.Array
+  inner: jax.Array
+  ref_sqnorm: jax.Array
+  target_sqnorm: jax.Array
+  references: jax.Array
+
+
+def padded_rows(n: int) -> int:
+  """Bucket for n references: powers of two up to 1024, then multiples of 1024."""
+  if n <= 1024:
+    return max(8, 1 << max(0, n - 1).bit_length())
+  return -(-n // 1024) * 1024
+
+
+def build_index(names: Sequence[str], matrix, *, device=None) -> PrototypeIndex:
+  """Put an [N, d] float32 prototype matrix on the device, padded (see module doc)."""
+  matrix = np.asarray(matrix, np.float32)
+  if matrix.ndim != 2 or matrix.shape[0] != len(names):
+    raise RetrievalError(f"prototype matrix must be [{len(names)}, d], got {list(matrix.shape)}")
+  n, d = matrix.shape
+  rows = padded_rows(n)
+  padded = np.zeros((rows, d), np.float32)
+  padded[:n] = matrix
+  sqnorm = np.full((rows,), np.inf, np.float32)
+  sqnorm[:n] = np.einsum("nd,nd->n", matrix, matrix, dtype=np.float64)
+  put = functools.partial(jax.device_put, device=device)
+  return PrototypeIndex(np.asarray(list(names), dtype=object), put(padded), put(sqnorm))
+
+
+def distance_matrix_product(matrix: jax.Array, queries: jax.Array) -> jax.Array:
+  """The floor: the [B, N] products z·z_i alone (what any exact search must compute)."""
+  return jnp.matmul(queries, matrix.T, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "approx"))
+def _search(matrix, sqnorm, queries, mask, *, k: int, approx: bool):
+  # 2 z·z_i − ‖z_i‖² = ‖z‖² − d_i²: larger is nearer; padding rows score −inf.
+  score = distance_matrix_product(matrix, 2.0 * queries) - sqnorm
+  if mask is not None:
+    score = jnp.where(mask, -jnp.inf, score)
+  if approx:
+    _, idx = jax.lax.approx_max_k(score, k, recall_target=0.95)
+  else:
+    _, idx = jax.lax.top_k(score, k)
+  refs = matrix[idx]                                              # [B, k, d]
+  dist = jnp.sum(jnp.square(queries[:, None, :] - refs), axis=-1)
+  order = jnp.broadcast_to(jnp.arange(k), idx.shape)
+  _, idx, order = jax.lax.sort((dist, idx, order), dimension=-1, num_keys=2)
+  refs = jnp.take_along_axis(refs, order[..., None], axis=1)
+  dist = jnp.take_along_axis(dist, order, axis=1)
+  inner = jnp.einsum("bkd,bd->bk", refs, queries, precision=jax.lax.Precision.HIGHEST)
+  return dist, idx, inner, sqnorm[idx], jnp.sum(jnp.square(queries), axis=-1), refs
+
+
+def exclusion_mask(index: PrototypeIndex, exclude, batch: int) -> np.ndarray | None:
+  """[1 or B, N_pad] bool mask from names to leave out (one list for all targets, or one per
+  target); unknown names are an error."""
+  if exclude is None or (not isinstance(exclude, str) and len(exclude) == 0):
+    return None
+  position = {n: i for i, n in enumerate(index.names)}
+  per_target = not isinstance(exclude, str) and all(
+      not isinstance(e, str) for e in exclude)
+  groups = list(exclude) if per_target else [[exclude] if isinstance(exclude, str) else exclude]
+  if per_target and len(groups) != batch:
+    raise RetrievalError(f"exclude has {len(groups)} per-target lists for {batch} targets")
+  mask = np.zeros((len(groups), int(index.matrix.shape[0])), bool)
+  for row, names in enumerate(groups):
+    for name in names:
+      if name not in position:
+        raise RetrievalError(f"exclude names {name!r}, which is not among the "
+                             f"{index.size} prototypes searched")
+      mask[row, position[name]] = True
+  return mask
+
+
+def search(index: PrototypeIndex, prototypes, k: int, *, exclude=(),
+           approx: bool = False) -> Retrieval:
+  """The k nearest prototypes of ``index`` to each target in ``prototypes`` ([d] or [B, d]).
+
+  ``exclude``: names left out for every target, or one sequence of names per target
+  (leave-one-out). ``approx=True`` uses ``jax.lax.approx_max_k`` (approximate on TPU,
+  exact elsewhere).
+  """
+  z = np.asarray(prototypes, dtype=np.float32)
+  single = z.ndim == 1
+  if single:
+    z = z[None]
+  if z.ndim != 2 or z.shape[1] != index.dim or z.shape[0] == 0:
+    raise RetrievalError(
+        f"prototypes must be [{index.dim}] or [B, {index.dim}], got {list(np.shape(prototypes))}")
+  if not np.isfinite(z).all():
+    raise RetrievalError("prototypes contain NaN or Inf")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise RetrievalError(f"k must be a positive integer, got {k!r}")
+  batch = z.shape[0]
+  mask = exclusion_mask(index, exclude, batch)
+  candidates = index.size - (int(mask.sum(axis=1).max()) if mask is not None else 0)
+  if k > candidates:
+    raise RetrievalError(f"k={k} exceeds the {candidates} candidate prototypes "
+                         f"({index.size} in the index, "
+                         f"{index.size - candidates} excluded)")
+  rows = 1 << max(0, batch - 1).bit_length()
+  if rows != batch:
+    z = np.concatenate([z, np.zeros((rows - batch, z.shape[1]), np.float32)])
+    if mask is not None and mask.shape[0] == batch and batch > 1:
+      mask = np.concatenate([mask, np.zeros((rows - batch, mask.shape[1]), bool)])
+  out = _search(index.matrix, index.sqnorm, jnp.asarray(z),
+                None if mask is None else jnp.asarray(mask), k=int(k), approx=approx)
+  out = [o[:batch] for o in out]
+  names = index.names[np.asarray(out[1])]
+  result = Retrieval(names, *out)
+  return Retrieval(*(o[0] for o in result)) if single else result
