@@ -33,6 +33,7 @@ from safetensors import safe_open
 ARCHITECTURES = {
     "ViTModel": ("models.vit", "ViTConfig", "ViTModel"),
     "ViTForImageClassification": ("models.vit", "ViTConfig", "ViTForImageClassification"),
+    "LlamaForCausalLM": ("models.llama", "LlamaConfig", "LlamaForCausalLM"),
 }
 
 # name → (HF tensor → ours, ours → HF tensor)

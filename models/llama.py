@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,21 +75,25 @@ class LlamaConfig:
 
     Raises ValueError on anything that would change the math and is not implemented:
     another model type or activation, rope types other than default/llama3, partial
-    rotary factors.
+    rotary factors, and any attribute this port does not know (named).
     """
     hf = dict(hf)
     if hf.get("model_type", "llama") != "llama":
-      raise ValueError(f"config model_type {hf['model_type']!r} is not 'llama'")
+      raise ValueError(f"Llama config: model_type {hf['model_type']!r} is not 'llama'")
+    unknown = sorted(set(hf) - _READ - _HARMLESS)
+    if unknown:
+      raise ValueError(f"Llama config: unsupported attributes {unknown} (they may change "
+                       "the model's math; this port does not implement them)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-      raise ValueError(f"config hidden_act {act!r} is not supported (only 'silu')")
+      raise ValueError(f"Llama config: hidden_act {act!r} is not supported (only 'silu')")
     # v5 keeps theta and scaling in `rope_parameters`; legacy files use rope_theta +
     # rope_scaling (with "type" or "rope_type").
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-      raise ValueError("config partial_rotary_factor != 1 is not supported")
+      raise ValueError("Llama config: partial_rotary_factor != 1 is not supported")
     if rope_type == "default":
       scaling = None
     elif rope_type == "llama3":
@@ -99,7 +103,7 @@ class LlamaConfig:
           original_max_position_embeddings=int(rope.get(
               "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))))
     else:
-      raise ValueError(f"config rope type {rope_type!r} is not supported "
+      raise ValueError(f"Llama config: rope type {rope_type!r} is not supported "
                        "(only 'default' and 'llama3')")
     n_heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
@@ -117,6 +121,47 @@ class LlamaConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=eos,
         pad_token_id=hf.get("pad_token_id"))
+
+  def to_hf(self, architecture: str = "LlamaForCausalLM") -> dict:
+    """The HF ``config.json`` dict (transformers v5 layout; inverse of ``from_hf``)."""
+    out = {k: getattr(self, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+        "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
+        "bos_token_id", "pad_token_id")}
+    rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+    if self.rope_scaling is not None:
+      rope = {**rope, "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+    eos = list(self.eos_token_id)
+    out.update(model_type="llama", architectures=[architecture], hidden_act="silu",
+               rope_parameters=rope, eos_token_id=eos[0] if len(eos) == 1 else (eos or None))
+    return out
+
+
+# Keys read into LlamaConfig (or checked by from_hf).
+_READ = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "partial_rotary_factor", "max_position_embeddings",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act", "bos_token_id",
+    "eos_token_id", "pad_token_id"})
+
+# Keys that do not change the eval-mode forward pass (training, bookkeeping, generation
+# defaults); accepted and dropped. ``pretraining_tp`` only sliced matmuls in old versions.
+_HARMLESS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "initializer_range", "attention_dropout", "pretraining_tp", "use_cache", "_name_or_path",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "output_hidden_states", "output_attentions", "return_dict", "use_return_dict",
+    "torchscript", "use_bfloat16", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "id2label", "label2id", "problem_type",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "temperature",
+    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "suppress_tokens", "begin_suppress_tokens",
+    "gradient_checkpointing", "chunk_size_feed_forward", "tie_encoder_decoder"})
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -272,6 +317,8 @@ class LlamaModel(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
   """HF ``LlamaForCausalLM``: ``model(input_ids, attention_mask)`` → ``LlamaOutput``."""
+
+  hf_architecture = "LlamaForCausalLM"
 
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = cfg
@@ -433,82 +480,43 @@ def generate(model: LlamaForCausalLM, input_ids, max_new_tokens: int, *, attenti
                    cache_dtype=jnp.dtype(dtype))
 
 
-# --- HF checkpoints -------------------------------------------------------------------
+# --- HF checkpoint key map (used by models.hf) ---------------------------------------
+#
+# Our parameter paths are HF's module paths, so PEFT adapters (base_model.model.<module>)
+# land on the same names. "linear" transposes torch [out, in] to our [in, out].
+
+_LAYER_MAP = (
+    *((f"model.layers.{{i}}.{block}.{name}.kernel", (f"model.layers.{{i}}.{block}.{name}.weight",),
+       "linear")
+      for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                           ("mlp", ("gate_proj", "up_proj", "down_proj")))
+      for name in names),
+    *((f"model.layers.{{i}}.{norm}.weight", (f"model.layers.{{i}}.{norm}.weight",), "none")
+      for norm in ("input_layernorm", "post_attention_layernorm")),
+)
 
 
-def _t(x):
-  return x.T
+def _bias_rules(block, names):
+  return tuple((f"model.layers.{{i}}.{block}.{n}.bias", (f"model.layers.{{i}}.{block}.{n}.bias",),
+                "none") for n in names)
 
 
-def hf_key_map(cfg: LlamaConfig) -> dict[str, tuple[tuple, Any]]:
-  """HF tensor name → (path in our state, transform). torch Linear [out, in] is transposed."""
-  keys = {"model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), None),
-          "model.norm.weight": (("model", "norm", "weight"), None)}
-  if not cfg.tie_word_embeddings:
-    keys["lm_head.weight"] = (("lm_head", "kernel"), _t)
-  proj = [("self_attn", n, cfg.attention_bias) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-  proj += [("mlp", n, cfg.mlp_bias) for n in ("gate_proj", "up_proj", "down_proj")]
-  for i in range(cfg.num_hidden_layers):
-    pre = f"model.layers.{i}"
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-      keys[f"{pre}.{norm}.weight"] = (("model", "layers", i, norm, "weight"), None)
-    for block, name, bias in proj:
-      keys[f"{pre}.{block}.{name}.weight"] = (("model", "layers", i, block, name, "kernel"), _t)
-      if bias:
-        keys[f"{pre}.{block}.{name}.bias"] = (("model", "layers", i, block, name, "bias"), None)
-  return keys
+def hf_key_map(model: "LlamaForCausalLM") -> dict:
+  """The declarative key map of ``model`` for ``models.hf`` (rules, ignored, prefixes).
 
-
-# Present in some checkpoints, never needed: rotary buffers, and lm_head when tied.
-HF_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"lm_head\.weight")
-
-
-def _checkpoint_files(folder) -> list:
-  import json
-  import pathlib
-  folder = pathlib.Path(folder)
-  index = folder / "model.safetensors.index.json"
-  if index.exists():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return [folder / s for s in shards]
-  single = folder / "model.safetensors"
-  if not single.exists():
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-  return [single]
-
-
-def from_pretrained(folder, *, dtype=jnp.float32) -> LlamaForCausalLM:
-  """Load an HF ``LlamaForCausalLM`` folder, streaming tensor by tensor into an abstract
-  model; every expected key must be present and every present key used or ignorable."""
-  import json
-  import pathlib
-  import re
-  from safetensors import safe_open
-  cfg = LlamaConfig.from_hf(json.loads((pathlib.Path(folder) / "config.json").read_text()))
-  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  pure = nnx.to_pure_dict(state)
-  keymap, seen = hf_key_map(cfg), set()
-  for file in _checkpoint_files(folder):
-    with safe_open(str(file), framework="flax") as f:
-      for key in f.keys():
-        if key not in keymap:
-          if any(re.fullmatch(p, key) for p in HF_IGNORED):
-            continue
-          raise ValueError(f"{file.name}: unexpected tensor {key!r} for this Llama config")
-        path, transform = keymap[key]
-        node = pure
-        for p in path[:-1]:
-          node = node[p]
-        want = node[path[-1]]
-        x = f.get_tensor(key)
-        x = transform(x) if transform else x
-        if x.shape != want.shape:
-          raise ValueError(f"tensor {key!r} has shape {x.shape}, expected {want.shape}")
-        node[path[-1]] = jnp.asarray(x, dtype)
-        seen.add(key)
-  missing = sorted(set(keymap) - seen)
-  if missing:
-    raise ValueError(f"checkpoint {folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  Ignored: the rotary ``inv_freq`` buffers some old checkpoints carry (recomputed from the
+  config), and ``lm_head.weight`` when embeddings are tied (it is the embedding).
+  """
+  cfg = model.config
+  rules = (("model.embed_tokens.embedding", ("model.embed_tokens.weight",), "none"),
+           ("model.norm.weight", ("model.norm.weight",), "none")) + _LAYER_MAP
+  if cfg.attention_bias:
+    rules += _bias_rules("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))
+  if cfg.mlp_bias:
+    rules += _bias_rules("mlp", ("gate_proj", "up_proj", "down_proj"))
+  ignored = ("model.layers.{i}.self_attn.rotary_emb.inv_freq",)
+  if cfg.tie_word_embeddings:
+    ignored += ("lm_head.weight",)
+  else:
+    rules += (("lm_head.kernel", ("lm_head.weight",), "linear"),)
+  return dict(rules=rules, ignored=ignored, strip_prefixes=())

@@ -10,8 +10,11 @@ import torch
 import transformers
 from flax import nnx
 
+from models import hf as hf_io
 from models import llama
-from models.lora import LoRA, SVDLoRA, adapted_layers
+from models.lora import SVDLoRA, adapted_layers, to_flat
+from rpe_jax.compose import with_adapter
+from rpe_jax.peft_io import read_peft
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
@@ -41,7 +44,7 @@ def pair(request, tmp_path_factory):
   hf = hf_model(request.param)
   folder = tmp_path_factory.mktemp(request.param)
   hf.save_pretrained(folder)
-  return hf, llama.from_pretrained(folder)
+  return hf, hf_io.load(folder)
 
 
 @nnx.jit
@@ -82,7 +85,7 @@ def test_greedy_generation_matches_hf(pair):
 def test_left_padded_greedy_with_eos_matches_hf(tmp_path):
   hf = hf_model("gqa", seed=3)
   hf.save_pretrained(tmp_path)
-  ours = llama.from_pretrained(tmp_path)
+  ours = hf_io.load(tmp_path)
   ids = prompts(batch=3, length=6, seed=4)
   mask = np.ones_like(ids)
   mask[0, :2] = 0
@@ -131,6 +134,7 @@ def test_legacy_rope_scaling_config_is_read():
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                           "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
     ({"model_type": "mistral"}, "model_type"),
+    ({"sliding_window": 4096}, "sliding_window"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
 ])
 def test_from_hf_refuses_unsupported(bad, word):
@@ -145,18 +149,18 @@ def test_loader_rejects_unknown_and_missing_tensors(tmp_path):
   tensors = load_file(tmp_path / "model.safetensors")
   save_file({**tensors, "model.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
   with pytest.raises(ValueError, match="model.extra.weight"):
-    llama.from_pretrained(tmp_path)
+    hf_io.load(tmp_path)
   tensors.pop("model.norm.weight")
   save_file(tensors, tmp_path / "model.safetensors")
-  with pytest.raises(ValueError, match="lacks 1 tensors"):
-    llama.from_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="model.norm.weight"):
+    hf_io.load(tmp_path)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
   hf = hf_model("gqa")
   hf.save_pretrained(tmp_path, max_shard_size="20KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
-  ours = llama.from_pretrained(tmp_path)
+  ours = hf_io.load(tmp_path)
   ids = prompts()
   with torch.no_grad():
     ref = hf(torch.tensor(ids)).logits.numpy()
@@ -174,7 +178,7 @@ def test_top_p_mask_matches_hf_warper():
 
 def test_sampling_respects_nucleus_and_temperature(tmp_path):
   hf_model("gqa").save_pretrained(tmp_path)
-  ours = llama.from_pretrained(tmp_path)
+  ours = hf_io.load(tmp_path)
   ids = prompts(batch=2, length=5, seed=2)
   greedy = np.asarray(llama.generate(ours, ids, 8, eos_token_id=()))
   # A nucleus holding only the top token is greedy, whatever the temperature.
@@ -199,42 +203,21 @@ def peft_adapter(hf, folder, targets, rank=4, alpha=8, seed=5):
   return model.eval()
 
 
-def adapter_from_peft(folder) -> dict:
-  """PEFT lora_A [r, in], lora_B [out, r] → LoRA(a = Aᵀ, b = (alpha/r)·Bᵀ), by module path."""
-  from safetensors.numpy import load_file
-  conf = json.loads((folder / "adapter_config.json").read_text())
-  scale = conf["lora_alpha"] / conf["r"]
-  tensors = load_file(folder / "adapter_model.safetensors")
-  flat = {}
-  for key, a in tensors.items():
-    if ".lora_A." in key:
-      path = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-      b = tensors[key.replace(".lora_A.", ".lora_B.")]
-      flat[path] = LoRA(jnp.asarray(a.T), jnp.asarray(scale * b.T))
-  return flat
-
-
-def install(model, flat):
-  layers = adapted_layers(model)
-  for path, leaf in flat.items():
-    layers[path].set_adapter(leaf)
-
-
 def test_peft_lora_matches_peft_model(tmp_path):
   hf = hf_model("gqa", seed=7)
   hf.save_pretrained(tmp_path / "base")
-  ours = llama.from_pretrained(tmp_path / "base")
+  ours = hf_io.load(tmp_path / "base")
   targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
   peft_model = peft_adapter(hf, tmp_path / "adapter", targets)
-  flat = adapter_from_peft(tmp_path / "adapter")
-  assert len(flat) == 2 * len(targets)
+  adapter = read_peft(tmp_path / "adapter", ours)
+  assert len(to_flat(adapter)) == 2 * len(targets)
   ids = prompts(batch=2, length=6, seed=8)
   with torch.no_grad():
     ref = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
     ref_gen = peft_model.generate(input_ids=torch.tensor(ids), max_new_tokens=20,
                                   do_sample=False, eos_token_id=None, pad_token_id=0)
   base_logits = np.asarray(forward(ours, ids).logits)
-  install(ours, flat)
+  ours = with_adapter(ours, adapter)
   out = np.asarray(forward(ours, ids).logits)
   assert np.abs(out - base_logits).max() > 1e-2  # the adapter really changes the output
   np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
@@ -270,3 +253,16 @@ def test_bad_inputs_raise():
     llama.generate(model, np.zeros((1, 4), int), 3, temperature=1.0)
   with pytest.raises(ValueError, match="max_new_tokens"):
     llama.generate(model, np.zeros((1, 4), int), 0)
+
+
+def test_saved_folder_loads_in_transformers(tmp_path):
+  """models.hf.save of our model is read by transformers to the same logits."""
+  cfg = llama.LlamaConfig.from_hf(transformers.LlamaConfig(**{**BASE, **CONFIGS["llama3"]})
+                                  .to_dict())
+  ours = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
+  hf_io.save(ours, tmp_path)
+  ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+  ids = prompts()
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(forward(ours, ids).logits), want, atol=1e-4, rtol=0)
