@@ -34,6 +34,7 @@ ARCHITECTURES = {
     "ViTModel": ("models.vit", "ViTConfig", "ViTModel"),
     "ViTForImageClassification": ("models.vit", "ViTConfig", "ViTForImageClassification"),
     "LlamaForCausalLM": ("models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "SamModel": ("models.sam", "SamConfig", "SamModel"),
 }
 
 # name → (HF tensor → ours, ours → HF tensor)
@@ -41,6 +42,8 @@ TRANSFORMS = {
     "none": (lambda t: t, lambda t: t),
     "linear": (lambda t: t.T, lambda t: t.T),                      # [out, in] ⇄ [in, out]
     "conv": (lambda t: t.transpose(2, 3, 1, 0), lambda t: t.transpose(3, 2, 0, 1)),
+    # ConvTranspose2d [in, out, kh, kw] ⇄ [kh, kw, in, out] (the layer flips, not the map)
+    "conv_transpose": (lambda t: t.transpose(2, 3, 0, 1), lambda t: t.transpose(2, 3, 0, 1)),
 }
 
 _MAX_LISTED = 12
