@@ -1,0 +1,428 @@
+"""The report → impression pipeline for causal language models (RPE's language task).
+
+A dataset is a list of ``Report(findings, impression)`` pairs (JSONL: one
+``{"findings": ..., "impression": ...}`` object per line). One training example is
+
+  [bos] prompt(template, findings) impression [eos]
+
+with the prompt and the impression tokenised separately (so the boundary is exact) and
+the loss taken on the impression and eos tokens only:
+
+  L = Σ_{b,t} m_{b,t+1} · CE(logits_{b,t}, x_{b,t+1}) / Σ m,   m = 1 on impression/eos tokens.
+
+Each example uses one of the instruction ``TEMPLATES`` (the seeds use 20), drawn with a
+seeded generator. The task prototype of a dataset is the mean, over its reports, of the
+mean-pooled last hidden states over the findings tokens (frozen base model):
+
+  z = (1/N) Σ_n (1/|f_n|) Σ_{t ∈ f_n} h_t(x_n; θ0).
+
+Generation is greedy KV-cache decoding (``models.llama.generate``) after the prompt, and
+predictions are scored by ROUGE-L F1 (the ``rouge-score`` package). ``synthetic_reports``
+makes small report "modalities" for tests and demos; ``train_tokenizer`` a byte-level BPE.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models import llama
+from models.lora import LoRAParam, init_adapters
+from rpe_jax.compose import adapter_of, with_adapter
+from rpe_jax.prototypes import Prototype
+
+# --- Data -----------------------------------------------------------------------------
+
+
+class Report(NamedTuple):
+  findings: str
+  impression: str
+
+
+def read_jsonl(path) -> list[Report]:
+  """Reports from a JSONL file of {"findings": str, "impression": str} objects."""
+  path = Path(path)
+  reports = []
+  for n, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+    for key in ("findings", "impression"):
+      if not isinstance(row.get(key), str) or not row[key].strip():
+        raise ValueError(f"{path}:{n}: {key!r} must be a non-empty string")
+    reports.append(Report(row["findings"], row["impression"]))
+  if not reports:
+    raise ValueError(f"{path}: no reports")
+  return reports
+
+
+def write_jsonl(path, reports: Sequence[Report]) -> Path:
+  path = Path(path)
+  path.write_text("".join(json.dumps({"findings": r.findings, "impression": r.impression})
+                          + "\n" for r in reports))
+  return path
+
+
+# Instruction templates: an instruction, then "Findings: ...", then "Impression:".
+TEMPLATES = (
+    "Summarize the radiology findings into a concise impression.",
+    "Write the impression section for this radiology report.",
+    "Given the findings below, state the radiologist's impression.",
+    "Condense these findings into a one-line clinical impression.",
+    "You are a radiologist. Provide the impression for the findings.",
+    "Produce a short impression that captures the key findings.",
+    "Read the findings and give the final impression.",
+    "What is the impression of this imaging study?",
+    "Summarise the following report findings.",
+    "Turn the detailed findings into a brief impression.",
+    "Generate the impression for the exam described below.",
+    "State the most important conclusion from these findings.",
+    "Write a radiology impression based on the findings.",
+    "Provide a concise diagnostic summary of the findings.",
+    "From the findings, derive the impression a radiologist would write.",
+    "Briefly summarize the clinically relevant findings.",
+    "Compose the impression section of the report.",
+    "Give a short summary of the imaging results.",
+    "Convert the findings into an impression for the referring physician.",
+    "Report the impression for the following study.",
+)
+
+
+def format_prompt(findings: str, template: str = TEMPLATES[0]) -> str:
+  return f"{template}\nFindings: {findings}\nImpression:"
+
+
+# --- Tokenisation ---------------------------------------------------------------------
+
+
+class Codec(NamedTuple):
+  """A ``tokenizers.Tokenizer`` and its special token ids."""
+
+  tokenizer: object
+  pad_id: int
+  bos_id: int
+  eos_id: int
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    """Text of ``ids`` up to the first eos, padding and specials dropped."""
+    ids = [int(i) for i in ids]
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.bos_id)])
+
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+
+
+def train_tokenizer(texts, vocab_size: int = 384) -> Codec:
+  """A byte-level BPE trained on ``texts`` (lossless round trip), ids 0-2 = pad, bos, eos."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  if vocab_size < 256 + len(SPECIAL_TOKENS):
+    raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} for a byte-level "
+                     f"BPE, got {vocab_size}")
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(list(texts), trainer)
+  pad, bos, eos = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
+  return Codec(tok, pad, bos, eos)
+
+
+class TokenBatch(NamedTuple):
+  """Right-padded training examples: ids, attention mask, loss mask (all [N, L])."""
+
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  loss_mask: np.ndarray
+
+
+def template_choice(n: int, n_templates: int = len(TEMPLATES), seed: int = 0) -> np.ndarray:
+  """A seeded template index per example."""
+  return np.random.default_rng(seed).integers(0, n_templates, size=n)
+
+
+def encode_examples(codec: Codec, reports: Sequence[Report], max_len: int, *,
+                    templates: Sequence[str] = TEMPLATES, seed: int = 0) -> TokenBatch:
+  """Training examples with the loss on impression + eos tokens only.
+
+  The findings are cut from the end when an example is longer than ``max_len``; an
+  impression that does not fit even with empty findings is an error.
+  """
+  if not reports:
+    raise ValueError("reports is empty")
+  choice = template_choice(len(reports), len(templates), seed)
+  ids = np.full((len(reports), max_len), codec.pad_id, np.int32)
+  attn = np.zeros((len(reports), max_len), np.int32)
+  loss = np.zeros((len(reports), max_len), np.int32)
+  for n, (report, t) in enumerate(zip(reports, choice)):
+    target = codec.encode(" " + report.impression) + [codec.eos_id]
+    head, tail = templates[t] + "\nFindings: ", "\nImpression:"
+    fixed = [codec.bos_id] + codec.encode(head) + codec.encode(tail) + target
+    room = max_len - len(fixed)
+    if room < 0:
+      raise ValueError(f"reports[{n}]: the impression needs {len(fixed)} tokens with no "
+                       f"findings, more than max_len={max_len}")
+    findings = codec.encode(report.findings)[:room]
+    prompt = [codec.bos_id] + codec.encode(head) + findings + codec.encode(tail)
+    row = prompt + target
+    ids[n, :len(row)] = row
+    attn[n, :len(row)] = 1
+    loss[n, len(prompt):len(row)] = 1
+  return TokenBatch(ids, attn, loss)
+
+
+def encode_prompts(codec: Codec, findings: Sequence[str], template: str = TEMPLATES[0], *,
+                   max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded generation prompts (ids, mask) [N, L]; findings cut to fit ``max_len``."""
+  head, tail = codec.encode(template + "\nFindings: "), codec.encode("\nImpression:")
+  rows = []
+  for f in findings:
+    body = codec.encode(f)
+    if max_len is not None:
+      body = body[:max(0, max_len - 1 - len(head) - len(tail))]
+    rows.append([codec.bos_id] + head + body + tail)
+  length = max(len(r) for r in rows)
+  ids = np.full((len(rows), length), codec.pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for n, r in enumerate(rows):
+    ids[n, length - len(r):] = r
+    mask[n, length - len(r):] = 1
+  return ids, mask
+
+
+# --- Training -------------------------------------------------------------------------
+
+
+def impression_loss(model, input_ids, attention_mask, loss_mask) -> jax.Array:
+  """Mean next-token cross-entropy over the tokens marked by ``loss_mask``."""
+  logits = model(input_ids, attention_mask).logits[:, :-1].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, input_ids[:, 1:])
+  m = loss_mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+class TextTrainConfig(NamedTuple):
+  rank: int = 8
+  kind: str = "lora"                 # "lora" or "svd"
+  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                              "gate_proj", "up_proj", "down_proj")
+  steps: int = 200
+  batch_size: int = 16
+  lr: float = 3e-3
+  weight_decay: float = 0.0
+  warmup_steps: int = 10
+  clip_norm: float = 1.0
+  seed: int = 0
+
+
+class TextTrainResult(NamedTuple):
+  adapter: dict          # exchange form
+  model: nnx.Module      # the base model carrying the trained adapter
+  losses: np.ndarray     # per step
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(lr, weight_decay, warmup_steps, steps, clip_norm):
+  """One optax transformation per hyper-parameter set (a static jit argument: reusing
+  the same object lets adapters trained with the same settings share one compile)."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup_steps, steps - 1)),
+                                                steps)
+  return optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(schedule, weight_decay=weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
+def _train_step(graphdef, params, rest, opt_state, ids, attn, loss_mask, *, tx):
+  def loss_fn(p):
+    return impression_loss(nnx.merge(graphdef, p, rest), ids, attn, loss_mask)
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+def train_adapter(model: llama.LlamaForCausalLM, data: TokenBatch,
+                  config: TextTrainConfig = TextTrainConfig()) -> TextTrainResult:
+  """Fit a fresh LoRA / SVD-LoRA adapter on ``data`` (base frozen) with AdamW.
+
+  Steps draw fixed-size batches from a per-epoch permutation seeded by ``config.seed``,
+  so a run is deterministic. The learning rate warms up linearly then decays by cosine.
+  """
+  n = len(data.input_ids)
+  if config.batch_size > n:
+    raise ValueError(f"batch_size {config.batch_size} exceeds the {n} training examples")
+  if config.steps < 1:
+    raise ValueError(f"steps must be >= 1, got {config.steps}")
+  fresh = with_adapter(model, {})
+  init_adapters(fresh, config.targets, config.rank, kind=config.kind,
+                rngs=nnx.Rngs(config.seed))
+  graphdef, params, rest = nnx.split(fresh, LoRAParam, ...)
+  tx = _optimizer(float(config.lr), float(config.weight_decay), int(config.warmup_steps),
+                  int(config.steps), float(config.clip_norm))
+  opt_state = tx.init(params)
+  per_epoch = n // config.batch_size
+  losses = []
+  for step in range(config.steps):
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng((config.seed, epoch)).permutation(n)
+    idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+    params, opt_state, loss = _train_step(
+        graphdef, params, rest, opt_state, jnp.asarray(data.input_ids[idx]),
+        jnp.asarray(data.attention_mask[idx]), jnp.asarray(data.loss_mask[idx]), tx=tx)
+    losses.append(loss)
+  trained = nnx.merge(graphdef, params, rest)
+  return TextTrainResult(adapter_of(trained), trained, np.asarray(jax.device_get(losses)))
+
+
+# --- Prototypes -----------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _pooled(graphdef, state, ids, attn, pool):
+  h = nnx.merge(graphdef, state)(ids, attn).last_hidden_state.astype(jnp.float32)
+  w = pool.astype(jnp.float32)[..., None]
+  return jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+def findings_features(model, codec: Codec, findings: Sequence[str], *, batch_size: int = 32,
+                      max_len: int = 128) -> np.ndarray:
+  """Per report, the mean of the last hidden states over its findings tokens, [N, d].
+
+  Input is [bos] + findings (cut at ``max_len``), right-padded in fixed-size batches (the
+  ragged tail padded with empty rows, so one compile); bos and padding are not pooled.
+  """
+  if not findings:
+    raise ValueError("findings is empty")
+  graphdef, state = nnx.split(model)
+  out = []
+  for start in range(0, len(findings), batch_size):
+    chunk = findings[start:start + batch_size]
+    ids = np.full((batch_size, max_len), codec.pad_id, np.int32)
+    attn = np.zeros((batch_size, max_len), np.int32)
+    ids[:, 0], attn[:, 0] = codec.bos_id, 1
+    for n, f in enumerate(chunk):
+      body = codec.encode(f)[:max_len - 1]
+      ids[n, 1:1 + len(body)] = body
+      attn[n, 1:1 + len(body)] = 1
+    pool = attn.copy()
+    pool[:, 0] = 0
+    feats = _pooled(graphdef, state, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(pool))
+    out.append(np.asarray(feats)[:len(chunk)])
+  return np.concatenate(out)
+
+
+def findings_prototype(model, codec: Codec, findings: Sequence[str], **kw) -> Prototype:
+  """The task prototype: the float64 mean of ``findings_features`` (returned as float32)."""
+  feats = findings_features(model, codec, findings, **kw)
+  return Prototype(feats.astype(np.float64).mean(axis=0).astype(np.float32), len(feats))
+
+
+# --- Generation and scoring -----------------------------------------------------------
+
+
+def generate_impressions(model, codec: Codec, findings: Sequence[str], *,
+                         template: str = TEMPLATES[0], max_new_tokens: int = 32,
+                         batch_size: int = 16, max_prompt_len: int = 128) -> list[str]:
+  """Greedy impressions for ``findings``: left-padded prompts in fixed-size batches."""
+  if not findings:
+    raise ValueError("findings is empty")
+  ids, mask = encode_prompts(codec, findings, template, max_len=max_prompt_len)
+  n = len(ids)
+  pad_rows = -n % batch_size
+  if pad_rows:  # complete the last batch with copies of row 0 (one compile)
+    ids = np.concatenate([ids, np.repeat(ids[:1], pad_rows, 0)])
+    mask = np.concatenate([mask, np.repeat(mask[:1], pad_rows, 0)])
+  texts = []
+  for start in range(0, len(ids), batch_size):
+    new = llama.generate(model, ids[start:start + batch_size], max_new_tokens,
+                         attention_mask=mask[start:start + batch_size],
+                         eos_token_id=codec.eos_id, pad_token_id=codec.pad_id)
+    texts += [codec.decode(row).strip() for row in np.asarray(new)]
+  return texts[:n]
+
+
+class RougeL(NamedTuple):
+  f1: float                 # mean over examples
+  per_example: np.ndarray   # F1 per example
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> RougeL:
+  """ROUGE-L F1 (longest common subsequence of tokens), via ``rouge_score``."""
+  from rouge_score import rouge_scorer
+  if len(predictions) != len(references):
+    raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+  if not references:
+    raise ValueError("no references to score")
+  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+  f = np.array([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)])
+  return RougeL(float(f.mean()), f)
+
+
+# --- Synthetic report modalities ------------------------------------------------------
+
+# Each modality: (exam, sites, abnormalities, filler sentences). Impressions share one
+# phrasing across modalities, so what one modality's adapter learns transfers in part.
+MODALITIES = {
+    "ct_chest": ("CT of the chest", ("right upper lobe", "left lower lobe", "lingula",
+                                     "right middle lobe"),
+                 ("nodule", "consolidation", "ground glass opacity", "mass"),
+                 ("The heart size is normal.", "No pleural effusion.",
+                  "The airways are patent.")),
+    "mri_brain": ("MRI of the brain", ("left frontal lobe", "right parietal lobe",
+                                       "cerebellum", "left temporal lobe"),
+                  ("lesion", "infarct", "hemorrhage", "mass"),
+                  ("The ventricles are normal in size.", "No midline shift.",
+                   "The orbits are unremarkable.")),
+    "us_abdomen": ("Ultrasound of the abdomen", ("liver", "right kidney", "gallbladder",
+                                                 "spleen"),
+                   ("cyst", "stone", "lesion", "mass"),
+                   ("The pancreas is obscured by bowel gas.", "No free fluid.",
+                    "The aorta is normal in caliber.")),
+    "xr_knee": ("Radiograph of the knee", ("medial compartment", "patella",
+                                           "lateral compartment", "tibial plateau"),
+                ("fracture", "effusion", "osteophyte", "lesion"),
+                ("Bone mineralization is normal.", "No soft tissue swelling.",
+                 "Alignment is anatomic.")),
+}
+_SIZES = ("small", "moderate", "large")
+
+
+def synthetic_reports(modality: str, n: int, seed: int = 0) -> list[Report]:
+  """``n`` synthetic (findings, impression) pairs of one ``MODALITIES`` entry."""
+  if modality not in MODALITIES:
+    raise ValueError(f"unknown modality {modality!r}; choose one of {sorted(MODALITIES)}")
+  exam, sites, kinds, fillers = MODALITIES[modality]
+  rng = np.random.default_rng((seed, sorted(MODALITIES).index(modality)))
+  reports = []
+  for _ in range(n):
+    extra = " ".join(rng.permutation(fillers)[:2])
+    if rng.random() < 0.2:
+      reports.append(Report(f"{exam}. No abnormality is seen. {extra}",
+                            "No acute abnormality."))
+      continue
+    size, site, kind = rng.choice(_SIZES), rng.choice(sites), rng.choice(kinds)
+    reports.append(Report(f"{exam}. There is a {size} {kind} in the {site}. {extra}",
+                          f"{size.capitalize()} {kind} in the {site}."))
+  return reports
