@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from models.lora import LoRA, SVDLoRA, Linear, from_flat, to_flat, truncate
-from rpe_jax.compose import adapter_of, combine, merge_into, with_adapter
+from rpe_jax.compose import (adapter_of, combine, merge_into, scale, truncate_tree,
+                             with_adapter)
 
 # in ≠ out and in·out distinct from every factor / core size in the jaxpr test
 SHAPES = {"blocks.0.query": (48, 40), "blocks.0.value": (48, 40), "head": (40, 7)}
@@ -252,3 +253,14 @@ def test_with_adapter_rejects_unknown_paths_and_wrong_shapes():
     assert "blocks.0.key: not an adaptable Linear" in msg
     assert "head: adapter shape (48, 7) vs kernel (40, 7)" in msg
   assert adapter_of(model) == {}
+
+
+def test_scale_and_truncate_tree():
+  adapters = library(11)
+  scaled = to_flat(scale(adapters[1], -1.5))
+  cut = to_flat(truncate_tree(adapters[0], rank=2))
+  for p in SHAPES:
+    d = dense(to_flat(adapters[1])[p])
+    assert rel(dense(scaled[p]), -1.5 * d) < 1e-13
+    u, s, vt = np.linalg.svd(dense(to_flat(adapters[0])[p]), full_matrices=False)
+    assert rel(dense(cut[p]), (u[:, :2] * s[:2]) @ vt[:2]) < 1e-10
