@@ -297,14 +297,17 @@ class Library:
             for r in rows}
 
   def _encoder_id(self, encoder: str | None) -> str:
-    known = self.encoders()
+    # The encoders table only holds encoders that still have adapters (see _drop_unused).
+    known = [r[0] for r in self._conn.execute("SELECT id FROM encoders ORDER BY id")]
+    if not known:
+      raise LibraryError(f"library {self.path} has no adapters to query")
     if encoder is None:
       if len(known) != 1:
-        raise LibraryError(f"the library has {len(known)} encoders {sorted(known)}; "
+        raise LibraryError(f"the library has {len(known)} encoders {known}; "
                            "name one with encoder=")
-      return next(iter(known))
+      return known[0]
     if encoder not in known:
-      raise LibraryError(f"no prototypes for encoder {encoder!r}; known: {sorted(known)}")
+      raise LibraryError(f"no prototypes for encoder {encoder!r}; known: {known}")
     return encoder
 
   def prototypes(self, encoder: str | None = None) -> Prototypes:
@@ -361,8 +364,9 @@ class Library:
       sig = adapter_file.signature(tensors)
     except AdapterFormatError as e:
       raise LibraryError(f"adapter {name!r}: {e}") from e
-    base = self.base_models()[entry.base_model]
-    if sig != entry.signature or sig.structure_hash != base["structure_hash"]:
+    base_hash = self._conn.execute("SELECT structure_hash FROM base_models WHERE id = ?",
+                                   (entry.base_model,)).fetchone()[0]
+    if sig != entry.signature or sig.structure_hash != base_hash:
       raise LibraryError(f"adapter {name!r}: file structure does not match the catalog / "
                          f"base model {entry.base_model!r}")
     return tensors if as_tensors else adapter_file.to_tree(tensors)
@@ -524,7 +528,8 @@ class Library:
     """Check every row has an intact file (size, sha256, signature) and every file a row.
 
     ``repair=True`` deletes orphan files (and leftover temp files); rows with a missing or
-    corrupt file are reported, never dropped silently — remove them by name.
+    corrupt file are reported, never dropped silently — remove them by name. Repair while
+    another process is adding can delete that add's temp file; the add then fails cleanly.
     """
     if repair:
       self._writable()

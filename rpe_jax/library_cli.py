@@ -3,8 +3,9 @@
     rpe library init LIB
     rpe library add LIB NAME ADAPTER.safetensors PROTOTYPE.npy --base-model M --encoder E
                     --n-samples N [--pooling mean] [--metadata JSON|@file.json] [--replace]
-    rpe library import-peft LIB NAME PEFT_FOLDER PROTOTYPE.npy --model HF_FOLDER ...
-    rpe library export-peft LIB NAME OUT_FOLDER --model HF_FOLDER
+    rpe library import-peft LIB NAME PEFT_FOLDER PROTOTYPE.npy --model HF_FOLDER|demo
+                    --encoder E --n-samples N [--base-model M (default: the PEFT config's)]
+    rpe library export-peft LIB NAME OUT_FOLDER --model HF_FOLDER|demo
     rpe library list LIB [--encoder E] [--base-model M]
     rpe library show LIB NAME
     rpe library query LIB PROTOTYPES.npy [-k 8] [--encoder E] [--exclude NAME ...]
@@ -91,22 +92,25 @@ def _add(args) -> int:
   return 0
 
 
-def _hf_model(folder: str):
+def _model(spec: str):
+  """The base model of `--model`: an HF checkpoint folder, or "demo" (as `rpe compose`)."""
+  if spec == "demo":
+    from rpe_jax import demo
+    return demo.foundation()
+  if not (Path(spec) / "config.json").is_file():
+    raise LibraryError(f"--model {spec}: not a Hugging Face checkpoint folder (no "
+                       "config.json) and not 'demo'")
   from models import hf
-  return hf.load(folder)
+  return hf.load(spec)
 
 
 def _import_peft(args) -> int:
   from rpe_jax import peft_io
-  model = _hf_model(args.model)
-  adapter = peft_io.read_peft(args.folder, model)
-  if isinstance(adapter, tuple):  # (tree, config) form
-    adapter = adapter[0]
+  adapter = peft_io.read_peft(args.folder, _model(args.model))
   base_model = args.base_model
   if base_model is None:
-    config = Path(args.folder) / "adapter_config.json"
-    base_model = json.loads(config.read_text()).get("base_model_name_or_path") \
-        if config.is_file() else None
+    config = json.loads((Path(args.folder) / peft_io.CONFIG_NAME).read_text())
+    base_model = config.get("base_model_name_or_path")
     if not base_model:
       raise LibraryError("--base-model is required: the PEFT folder's adapter_config.json "
                          "names no base_model_name_or_path")
@@ -119,10 +123,12 @@ def _import_peft(args) -> int:
 def _export_peft(args) -> int:
   from rpe_jax import peft_io
   with Library.open(args.library, readonly=True) as lib:
+    entry = lib.get(args.name)
     adapter = lib.load(args.name)
-  peft_io.write_peft(adapter, _hf_model(args.model), args.folder)
-  _emit(args, {"name": args.name, "folder": str(args.folder)},
-        f"exported {args.name} to {args.folder}")
+  folder = peft_io.write_peft(adapter, _model(args.model), args.folder,
+                              base_model_name_or_path=entry.base_model)
+  _emit(args, {"name": args.name, "folder": str(folder)},
+        f"exported {args.name} to {folder}")
   return 0
 
 
@@ -226,11 +232,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
   p.add_argument("name", help="unique adapter name")
   p.add_argument("folder", help="PEFT folder (adapter_config.json + adapter_model.safetensors)")
   _add_options(p, base_required=False)
-  p.add_argument("--model", required=True, help="Hugging Face folder of the base model")
+  p.add_argument("--model", required=True,
+                 help="the base model: a Hugging Face checkpoint folder, or 'demo'")
   p = command("export-peft", _export_peft, "write an adapter as a PEFT folder")
   p.add_argument("name", help="adapter name")
   p.add_argument("folder", help="output folder")
-  p.add_argument("--model", required=True, help="Hugging Face folder of the base model")
+  p.add_argument("--model", required=True,
+                 help="the base model: a Hugging Face checkpoint folder, or 'demo'")
   p = command("list", _list, "list the adapters")
   p.add_argument("--encoder", help="only this encoder's adapters")
   p.add_argument("--base-model", help="only this base model's adapters")

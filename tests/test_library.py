@@ -332,6 +332,17 @@ def test_query_ties_exclude_and_errors(lib):
     lib.query(proto, 1, encoder="other")
 
 
+def test_approx_option_and_empty_library(lib):
+  with pytest.raises(LibraryError, match="no adapters to query"):
+    lib.query(np.zeros(8), 1)
+  for i in range(20):
+    add(lib, f"n{i:02d}", i, dim=8)
+  z = np.random.default_rng(9).standard_normal((2, 8)).astype(np.float32)
+  idx, _ = oracle_topk(lib.prototypes().matrix, z, 3)
+  # approx_max_k is approximate on TPU only; on CPU it must give the exact answer.
+  np.testing.assert_array_equal(np.asarray(lib.query(z, 3, approx=True).indices), idx)
+
+
 def test_query_cache_follows_writes_from_another_connection(tmp_path):
   reader = Library.create(tmp_path / "lib")
   writer = Library.open(tmp_path / "lib")
@@ -344,6 +355,28 @@ def test_query_cache_follows_writes_from_another_connection(tmp_path):
   assert reader.query(z, 1).names.tolist() == ["b"]
   writer.remove("b")
   assert reader.query(z, 1).names.tolist() == ["a"]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_blocked_top_k_is_exact_with_ties_across_blocks(k):
+  """Above 8·k·128 rows the top-k goes through block maxima: same answer as the oracle,
+  ties (identical rows in different blocks, and inside one block) to the lower index."""
+  rng = np.random.default_rng(0)
+  refs = rng.standard_normal((3000, 6)).astype(np.float32) + 3
+  z = rng.standard_normal((5, 6)).astype(np.float32)
+  refs[[2999, 40, 1700, 41, 130]] = z[0]   # five exact hits for target 0, two in one block
+  refs[[900, 901]] = z[1]
+  index = retrieval.build_index([f"r{i}" for i in range(3000)], refs)
+  assert index.matrix.shape[0] // retrieval.BLOCK >= 8 * k  # the blocked path is taken
+  r = retrieval.search(index, z, k)
+  idx, dist = oracle_topk(refs, z, k)
+  np.testing.assert_array_equal(np.asarray(r.indices), idx)
+  np.testing.assert_allclose(np.asarray(r.distances), dist, rtol=1e-5, atol=1e-6)
+  assert np.asarray(r.indices)[0].tolist() == [40, 41, 130][:k]
+  # Leave-one-out per target through the same path.
+  r = retrieval.search(index, z[:2], k, exclude=[["r40"], ["r900"]])
+  assert np.asarray(r.indices)[0].tolist() == [41, 130, 1700][:k]
+  assert np.asarray(r.indices)[1, 0] == 901
 
 
 def test_padding_buckets():

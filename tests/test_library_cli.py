@@ -145,3 +145,57 @@ def test_every_subcommand_has_help(capsys):
               "verify"):
     code, out, _ = rpe(capsys, "library", sub, "--help")
     assert code == 0 and f"rpe library {sub}" in out and "--json" in out
+
+
+@pytest.mark.slow  # builds a tiny HF ViT and a PEFT adapter with torch
+def test_import_and_export_peft(capsys, tmp_path):
+  """Oracle: the tensors PEFT itself saved (lora_A = aᵀ, lora_B = bᵀ / (α/r))."""
+  import peft
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, image_size=8, patch_size=4)
+  transformers.ViTModel(config).save_pretrained(tmp_path / "base")
+  hf_model = transformers.ViTModel.from_pretrained(tmp_path / "base")
+  peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(
+      r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.copy_(torch.randn_like(p))
+  peft_model.save_pretrained(tmp_path / "peft")
+  saved = safetensors.numpy.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+  np.save(tmp_path / "p.npy", np.ones(4, np.float32))
+  lib = tmp_path / "lib"
+  assert rpe(capsys, "library", "init", lib)[0] == 0
+  code, out, err = rpe(capsys, "library", "import-peft", lib, "imported", tmp_path / "peft",
+                       tmp_path / "p.npy", "--model", tmp_path / "base", "--encoder", "enc",
+                       "--n-samples", "3", "--json")
+  assert code == 0, err
+  entry = json.loads(out)
+  assert entry["base_model"] == str(tmp_path / "base")  # from adapter_config.json
+  assert {l["rank"] for l in entry["signature"]} == {2} and len(entry["signature"]) == 2
+  with Library.open(lib) as opened:
+    tensors = opened.load("imported", as_tensors=True)
+  a_keys = sorted(k for k in saved if "lora_A" in k)
+  ours_a = sorted(k for k in tensors if k.endswith(".a"))
+  assert len(a_keys) == len(ours_a) == 2
+  for peft_key, our_key in zip(a_keys, ours_a):  # query then value in both namings
+    np.testing.assert_array_equal(tensors[our_key], saved[peft_key].T)
+    np.testing.assert_allclose(tensors[our_key[:-2] + ".b"],
+                               3.0 * saved[peft_key.replace("lora_A", "lora_B")].T, rtol=1e-6)
+  code, _, err = rpe(capsys, "library", "export-peft", lib, "imported", tmp_path / "out",
+                     "--model", tmp_path / "base")
+  assert code == 0, err
+  exported = safetensors.numpy.load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+  out_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+  assert out_config["r"] == out_config["lora_alpha"] == 2
+  # Scaling 1 on export: lora_B carries α/r = 3; lora_A unchanged. Module names differ
+  # (if any) but sort the same way: q_proj before v_proj.
+  out_a = sorted(k for k in exported if "lora_A" in k)
+  assert len(out_a) == 2
+  for peft_key, out_key in zip(a_keys, out_a):
+    np.testing.assert_array_equal(exported[out_key], saved[peft_key])
+    np.testing.assert_allclose(exported[out_key.replace("lora_A", "lora_B")],
+                               3.0 * saved[peft_key.replace("lora_A", "lora_B")], rtol=1e-6)
