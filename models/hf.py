@@ -49,7 +49,8 @@ TRANSFORMS = {
 _MAX_LISTED = 12
 
 
-def _listing(keys) -> str:
+def format_keys(keys) -> str:
+  """Sorted keys, comma-separated, at most a dozen then a count (for error messages)."""
   keys = sorted(keys)
   more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
   return ", ".join(keys[:_MAX_LISTED]) + more
@@ -201,11 +202,11 @@ def load(folder, *, dtype=jnp.float32, architecture: str | None = None) -> nnx.M
       source[ours] = key
       plan[key] = hit
   if unknown:
-    raise ValueError(f"{folder}: checkpoint keys not used by {architecture}: {_listing(unknown)}")
+    raise ValueError(f"{folder}: checkpoint keys not used by {architecture}: {format_keys(unknown)}")
   missing = sorted(set(params) - set(source))
   if missing:
     raise ValueError(f"{folder}: {architecture} parameters missing from the checkpoint: "
-                     f"{_listing(missing)}")
+                     f"{format_keys(missing)}")
 
   values = {}
   by_file: dict[Path, list[str]] = {}
@@ -249,7 +250,7 @@ def save(model: nnx.Module, folder, *, dtype=None) -> Path:
         TRANSFORMS[transform][1](value.astype(dtype) if dtype else value)))
   if unmapped:
     raise ValueError(f"parameters with no HF key (merge adapters, or export them with "
-                     f"rpe_jax.peft_io.write_peft): {_listing(unmapped)}")
+                     f"rpe_jax.peft_io.write_peft): {format_keys(unmapped)}")
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   config = model.config.to_hf(architecture)
@@ -259,4 +260,4 @@ def save(model: nnx.Module, folder, *, dtype=None) -> Path:
   return folder
 
 
-__all__ = ["ARCHITECTURES", "TRANSFORMS", "KeyMap", "key_map", "load", "save"]
+__all__ = ["ARCHITECTURES", "TRANSFORMS", "KeyMap", "format_keys", "key_map", "load", "save"]

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.lora import Linear
+from models.lora import Linear, LoRAParam
 
 # --- Config ---------------------------------------------------------------------------------
 
@@ -368,6 +368,23 @@ class ViTForImageClassification(nnx.Module):
   def features(self, pixel_values: jax.Array, pooling: str = "cls") -> jax.Array:
     """See ``ViTModel.features`` (the encoder's features, not the logits)."""
     return self.vit.features(pixel_values, pooling)
+
+
+def with_new_head(model: ViTModel | ViTForImageClassification, labels, *,
+                  rngs: nnx.Rngs) -> ViTForImageClassification:
+  """A classifier over ``labels`` (fresh head) on a copy of ``model``'s encoder weights.
+
+  For fine-tuning a pretrained ``ViTModel`` (or a classifier with another label set). The
+  pooler, if any, is dropped (HF's classifier has none); adapters are not carried over.
+  """
+  src = model.vit if isinstance(model, ViTForImageClassification) else model
+  if not isinstance(src, ViTModel):
+    raise TypeError(f"expected a ViTModel or ViTForImageClassification, got {type(model).__name__}")
+  config = dataclasses.replace(src.config, labels=tuple(labels), add_pooling_layer=False)
+  out = ViTForImageClassification(config, dtype=src.embeddings.cls_token[...].dtype, rngs=rngs)
+  keep = nnx.All(nnx.Param, nnx.Not(LoRAParam), nnx.Not(nnx.PathContains("pooler")))
+  nnx.update(out.vit, jax.tree.map(jnp.copy, nnx.state(src, keep)))
+  return out
 
 
 # --- HF checkpoint key map ------------------------------------------------------------------

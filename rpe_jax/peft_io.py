@@ -93,6 +93,16 @@ def _pattern_value(patterns: dict, module: str, default):
   return default
 
 
+def _targeted(target_modules, module: str) -> bool:
+  """PEFT's rule: a string is a full-match regex, a list matches a dotted suffix; None and
+  "all-linear" defer to PEFT's defaults (not checked here)."""
+  if target_modules is None or target_modules == "all-linear":
+    return True
+  if isinstance(target_modules, str):
+    return re.fullmatch(target_modules, module) is not None
+  return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
 def _our_module(kmap: hf.KeyMap, module: str, layers: dict) -> str | None:
   hit = kmap.to_ours(module + ".weight")
   if hit is None or hit[1] != "linear" or not hit[0].endswith(".kernel"):
@@ -137,14 +147,19 @@ def read_peft(folder, model: nnx.Module, *, dtype=jnp.float32) -> dict:
     dora = [k for k in bad if "lora_magnitude_vector" in k]
     why = "DoRA magnitude vectors are not supported" if dora else \
         "expected only base_model.model.<module>.lora_A/lora_B.weight"
-    raise ValueError(f"{weights_path}: unsupported tensors ({why}): {hf._listing(bad)}")
+    raise ValueError(f"{weights_path}: unsupported tensors ({why}): {hf.format_keys(bad)}")
   if not factors:
     raise ValueError(f"{weights_path} holds no LoRA factors")
 
+  untargeted = [m for m in factors if not _targeted(config.get("target_modules"), m)]
+  if untargeted:
+    raise ValueError(f"{weights_path}: modules not matched by target_modules "
+                     f"{config.get('target_modules')!r} (PEFT would not load them): "
+                     f"{hf.format_keys(untargeted)}")
   unmapped = [m for m in factors if _our_module(kmap, m, layers) is None]
   if unmapped:
     raise ValueError(f"{weights_path}: modules with no adaptable linear layer in "
-                     f"{type(model).__name__}: {hf._listing(unmapped)}")
+                     f"{type(model).__name__}: {hf.format_keys(unmapped)}")
   flat = {}
   with safe_open(weights_path, framework="flax") as f:
     for module, pair in sorted(factors.items()):

@@ -162,8 +162,9 @@ def test_legacy_module_names_read_the_same(base, tmp_path):
   assert "base_model.model.vit.encoder.layer.0.attention.attention.query.lora_A.weight" in legacy
   (tmp_path / "legacy").mkdir()
   save_file(legacy, str(tmp_path / "legacy" / "adapter_model.safetensors"))
-  (tmp_path / "legacy" / "adapter_config.json").write_text(
-      (tmp_path / "v5" / "adapter_config.json").read_text())
+  config = json.loads((tmp_path / "v5" / "adapter_config.json").read_text())
+  config["target_modules"] = ["query", "value"]   # as transformers-4 PEFT wrote it
+  (tmp_path / "legacy" / "adapter_config.json").write_text(json.dumps(config))
   want, got = to_flat(read_peft(tmp_path / "v5", ours)), to_flat(read_peft(tmp_path / "legacy", ours))
   assert sorted(want) == sorted(got)
   for path in want:
@@ -184,6 +185,7 @@ def test_dora_is_refused(base, tmp_path):
     (dict(peft_type="IA3"), "IA3"),
     (dict(modules_to_save=["classifier"]), "modules_to_save"),
     (dict(r=3), "rank 2"),
+    (dict(target_modules=["v_proj"]), "target_modules"),
 ])
 def test_variants_and_bad_configs_are_refused(base, tmp_path, change, message):
   folder, ours = base

@@ -10,7 +10,7 @@ import transformers
 
 from models import hf
 from models.lora import LoRA, adapted_layers, init_adapters
-from models.vit import ViTConfig, ViTForImageClassification, ViTModel
+from models.vit import ViTConfig, ViTForImageClassification, ViTModel, with_new_head
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             image_size=16, patch_size=4, num_labels=5)
@@ -173,3 +173,21 @@ def test_adapter_changes_output_like_a_merged_kernel():
   merged = model(x).last_hidden_state
   assert float(jnp.abs(unmerged - base).max()) > 1e-3
   np.testing.assert_allclose(unmerged, merged, atol=1e-5)
+
+
+def test_with_new_head_keeps_the_encoder(vit_model):
+  theirs, ours = vit_model
+  init_adapters(ours, rank=2, rngs=nnx.Rngs(0))
+  try:
+    clf = with_new_head(ours, ["x", "y", "z", "w"], rngs=nnx.Rngs(1))
+  finally:
+    for layer in adapted_layers(ours).values():
+      layer.set_adapter(None)
+  assert clf.config.num_labels == 4 and clf.vit.pooler is None
+  assert all(layer.adapter is None for layer in adapted_layers(clf).values())
+  x = _pixels(theirs.config, batch=2, seed=9)
+  with torch.no_grad():
+    hidden = theirs(x).last_hidden_state
+  out = clf(_nhwc(x))
+  assert out.logits.shape == (2, 4)
+  _close(out.last_hidden_state, hidden)
