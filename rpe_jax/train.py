@@ -218,6 +218,27 @@ def _restore(manager, template, expect: dict, directory: str):
 
 # --- the training loop ----------------------------------------------------------------------
 
+def _epoch(static, p, opt_state, rest, train, epoch, batch_size, schedule, config, progress,
+           desc):
+  """One pass over ``train`` in the order seeded by (seed, epoch); (p, opt_state, mean loss,
+  train accuracy)."""
+  steps = data_lib.num_batches(len(train), batch_size)
+  it = data_lib.batches(train, batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                        tail="pad")
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(it, total=steps, desc=f"{desc} epoch {epoch + 1}/{config.epochs}", unit="step",
+              leave=False)
+  sums = []   # kept on device: no host sync inside the epoch
+  for i, b in enumerate(it):
+    lr = np.float32(schedule(epoch * steps + i))
+    p, opt_state, loss, correct = _train_step(static, p, opt_state, rest, lr, b.images,
+                                              b.labels, b.mask)
+    sums.append((loss * b.mask.sum(), correct))
+  loss_sum, correct = (float(sum(t)) for t in zip(*sums))
+  return p, opt_state, loss_sum / len(train), correct / len(train)
+
+
 def _fit(model, train, val, config: TrainConfig, trainable, *, normalization, checkpoint_dir,
          resume, progress, stop_after, desc) -> tuple[nnx.Module, dict]:
   """Train the ``trainable`` variables of ``model`` (already a private copy); returns the
@@ -246,6 +267,9 @@ def _fit(model, train, val, config: TrainConfig, trainable, *, normalization, ch
   manager = _manager(checkpoint_dir) if checkpoint_dir else None
   try:
     identity = {"paths": paths, "config": _jsonable(config)}
+    if manager is not None and not resume and manager.latest_step() is not None:
+      raise ValueError(f"checkpoint dir {checkpoint_dir} already holds checkpoints (up to "
+                       f"epoch {manager.latest_step() + 1}); resume them or use a fresh dir")
     restored = _restore(manager, {"p": p, "opt": opt_state, "best": p}, identity,
                         checkpoint_dir) if manager is not None and resume else None
     if restored is not None:
@@ -253,29 +277,16 @@ def _fit(model, train, val, config: TrainConfig, trainable, *, normalization, ch
       p, opt_state, best_p = state["p"], state["opt"], state["best"]
       start, best_acc, best_epoch = meta["epoch"] + 1, meta["best_acc"], meta["best_epoch"]
       history = meta["history"]
-    run_epochs = 0
-    for epoch in range(start, config.epochs):
-      if stop_after is not None and run_epochs >= stop_after:
-        break
+    end = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
+    for epoch in range(start, end):
       t0 = time.perf_counter()
-      it = data_lib.batches(train, batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                            tail="pad")
-      if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
-                  unit="step", leave=False)
-      sums = []   # kept on device: no host sync inside the epoch
-      for i, b in enumerate(it):
-        lr = np.float32(schedule(epoch * steps_per_epoch + i))
-        p, opt_state, loss, c = _train_step(static, p, opt_state, rest, lr, b.images, b.labels,
-                                            b.mask)
-        sums.append((loss * b.mask.sum(), c))
-      loss_sum, correct = (float(sum(t)) for t in zip(*sums))
+      p, opt_state, loss, train_acc = _epoch(static, p, opt_state, rest, train, epoch,
+                                             batch_size, schedule, config, progress, desc)
       val_acc = _accuracy(static, p, rest, val, config.eval_batch_size)
       if val_acc > best_acc:   # strictly better: the earliest best epoch wins ties
         best_p, best_acc, best_epoch = p, val_acc, epoch
-      history.append({"epoch": epoch, "loss": loss_sum / len(train),
-                      "train_accuracy": correct / len(train), "val_accuracy": val_acc,
+      history.append({"epoch": epoch, "loss": loss, "train_accuracy": train_acc,
+                      "val_accuracy": val_acc,
                       "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
                       "seconds": time.perf_counter() - t0})
       if progress:
@@ -285,7 +296,6 @@ def _fit(model, train, val, config: TrainConfig, trainable, *, normalization, ch
         _save(manager, epoch, {"p": p, "opt": opt_state, "best": best_p},
               {"epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
                "history": history, **identity})
-      run_epochs += 1
   finally:
     if manager is not None:
       manager.wait_until_finished()

@@ -92,7 +92,9 @@ def test_resume_from_checkpoint_continues_to_the_same_result(foundation, rotated
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
   assert resumed.best_epoch == full.best_epoch
   assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in full.history]
-  # A checkpoint of another configuration is refused, not silently mixed in.
+  # Checkpoints are never silently overwritten, nor mixed with another configuration's.
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    train.train_adapter(foundation, rotated.train, rotated.val, QUICK, checkpoint_dir=ckpt)
   with pytest.raises(ValueError, match="another model or configuration"):
     train.train_adapter(foundation, rotated.train, rotated.val, QUICK._replace(rank=2),
                         checkpoint_dir=ckpt, resume=True)
