@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import threading
 
 import numpy as np
@@ -40,6 +41,7 @@ def fake_medmnist(tmp_path, monkeypatch):
                          "label": {str(i): f"lesion {i}" for i in range(7)}}}
   (pkg / "info.py").write_text(f"INFO = {info!r}\n")
   monkeypatch.syspath_prepend(str(tmp_path / "site"))
+  monkeypatch.delitem(sys.modules, "medmnist", raising=False)   # find_spec would return it
   return info
 
 
