@@ -375,6 +375,19 @@ class LlamaForCausalLM(nnx.Module):
                                                    start + T)
     return LlamaOutput(logits, h, new_cache)
 
+  def features(self, input_ids, attention_mask=None, pooling: str = "mean") -> jax.Array:
+    """Pooled last hidden states [B, hidden] for task prototypes: the mean over the
+    unmasked tokens (``"mean"``) or the state of the last unmasked token (``"last"``)."""
+    if pooling not in ("mean", "last"):
+      raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+    h = self(input_ids, attention_mask).last_hidden_state.astype(jnp.float32)
+    mask = (jnp.ones(h.shape[:2], jnp.float32) if attention_mask is None
+            else jnp.asarray(attention_mask).astype(jnp.float32))
+    if pooling == "mean":
+      return jnp.sum(h * mask[..., None], 1) / jnp.maximum(jnp.sum(mask, 1), 1.0)[:, None]
+    last = h.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+    return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+
 
 # --- Decoding -------------------------------------------------------------------------
 

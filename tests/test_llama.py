@@ -72,6 +72,22 @@ def test_logits_and_hidden_state_match_hf(pair):
                              ref.hidden_states[-1].numpy()[valid], atol=1e-4, rtol=0)
 
 
+def test_pooled_features_match_hf_hidden_states(pair):
+  hf, ours = pair
+  ids = prompts()
+  mask = np.ones_like(ids)
+  mask[0, 4:] = 0
+  mask[2, 6:] = 0
+  feats = {p: np.asarray(nnx.jit(lambda m, x, a, p=p: m.features(x, a, p))(ours, ids, mask))
+           for p in ("mean", "last")}
+  for b in range(len(ids)):
+    n = int(mask[b].sum())
+    with torch.no_grad():  # each row alone, unpadded
+      h = hf(torch.tensor(ids[b:b + 1, :n]), output_hidden_states=True).hidden_states[-1][0]
+    np.testing.assert_allclose(feats["mean"][b], h.numpy().mean(0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(feats["last"][b], h.numpy()[-1], atol=1e-5, rtol=0)
+
+
 def test_greedy_generation_matches_hf(pair):
   hf, ours = pair
   ids = prompts(batch=2, length=5, seed=2)
@@ -251,6 +267,8 @@ def test_bad_inputs_raise():
     llama.generate(model, np.zeros((1, 4), int), 3, attention_mask=[[1, 1, 0, 0]])
   with pytest.raises(ValueError, match="rng"):
     llama.generate(model, np.zeros((1, 4), int), 3, temperature=1.0)
+  with pytest.raises(ValueError, match="pooling"):
+    model.features(jnp.zeros((1, 4), jnp.int32), pooling="cls")
   with pytest.raises(ValueError, match="max_new_tokens"):
     llama.generate(model, np.zeros((1, 4), int), 0)
 
