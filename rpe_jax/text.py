@@ -151,6 +151,47 @@ def train_tokenizer(texts, vocab_size: int = 384) -> Codec:
   return Codec(tok, pad, bos, eos)
 
 
+def save_codec(codec: Codec, folder) -> Path:
+  """Write ``tokenizer.json`` + ``tokenizer_config.json`` (HF layout: transformers'
+  ``PreTrainedTokenizerFast.from_pretrained(folder)`` reads it too)."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  codec.tokenizer.save(str(folder / "tokenizer.json"))
+  tok = codec.tokenizer.id_to_token
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok(codec.bos_id),
+      "eos_token": tok(codec.eos_id), "pad_token": tok(codec.pad_id)}, indent=2) + "\n")
+  return folder
+
+
+def load_codec(folder) -> Codec:
+  """A ``Codec`` from an HF tokenizer folder (``tokenizer.json`` and the special tokens of
+  ``tokenizer_config.json``); with no pad token (Llama) padding uses the eos id."""
+  from tokenizers import Tokenizer
+  folder = Path(folder)
+  path = folder / "tokenizer.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist (only fast-tokenizer folders are read)")
+  tokenizer = Tokenizer.from_file(str(path))
+  conf_path = folder / "tokenizer_config.json"
+  conf = json.loads(conf_path.read_text()) if conf_path.exists() else {}
+
+  def special(name):
+    token = conf.get(name)
+    token = token.get("content") if isinstance(token, dict) else token
+    if token is None:
+      return None
+    i = tokenizer.token_to_id(token)
+    if i is None:
+      raise ValueError(f"{conf_path}: {name} {token!r} is not in the vocabulary")
+    return i
+
+  bos, eos, pad = special("bos_token"), special("eos_token"), special("pad_token")
+  if bos is None or eos is None:
+    raise ValueError(f"{conf_path}: bos_token and eos_token are required")
+  return Codec(tokenizer, eos if pad is None else pad, bos, eos)
+
+
 class TokenBatch(NamedTuple):
   """Right-padded training examples: ids, attention mask, loss mask (all [N, L])."""
 

@@ -73,6 +73,21 @@ def test_tokenizer_round_trip(codec):
   assert codec.decode(ids) == "No acute abnormality."
 
 
+def test_codec_folder_is_read_by_transformers(codec, tmp_path):
+  text.save_codec(codec, tmp_path)
+  hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+  assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (1, 2, 0)
+  again = text.load_codec(tmp_path)
+  assert again[1:] == codec[1:]
+  for r in text.synthetic_reports("ct_chest", 4, seed=9):
+    ids = hf_tok(r.findings, add_special_tokens=False)["input_ids"]
+    assert again.encode(r.findings) == codec.encode(r.findings) == ids
+  conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({**conf, "eos_token": "<nope>"}))
+  with pytest.raises(ValueError, match="eos_token"):
+    text.load_codec(tmp_path)
+
+
 def test_loss_mask_covers_exactly_the_impression(codec):
   reports = text.synthetic_reports("xr_knee", 12, seed=4)
   batch = text.encode_examples(codec, reports, 160)
