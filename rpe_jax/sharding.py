@@ -542,16 +542,20 @@ def sharded_combine(stack, weights, mesh: Mesh, *, rank: int | None = None,
 # --- The solver with its batch axis sharded ---------------------------------------------------
 
 def sharded_solve(refs, targets, lam, mesh: Mesh, *, axis: str = "data",
-                  solve: Callable | None = None, **solve_kwargs):
+                  independent: bool = False, solve: Callable | None = None, **solve_kwargs):
   """``solvers.sparse_simplex.solve`` for T targets with the batch axis over ``axis``.
 
   refs: [k, d] shared (replicated) or [T, k, d] (sharded with the targets); targets [T, d];
   T must split evenly over ``axis``. Compiled as ``jax.jit`` with ``in_shardings`` /
-  ``out_shardings`` on the batch axis; inside, a ``shard_map`` lets each device iterate
-  its own problems to their own convergence (a vmapped while-loop runs to the slowest
-  member of its batch, so no per-iteration cross-device sync). Returns the ``Solution``
-  with every field's batch axis sharded over ``axis``. ``solve`` replaces the solver
-  (same signature; default ``solvers.sparse_simplex.solve``).
+  ``out_shardings`` on the batch axis; returns the ``Solution`` with every field's batch
+  axis sharded over ``axis``.
+
+  independent=False: one SPMD program over the whole batch; the loop's batch-wide tests
+  (stop, polish) are all-reduced each iteration, so the result is the single-device one.
+  independent=True: a ``shard_map`` in which each device runs the solver on its own
+  problems to their own convergence (no per-iteration sync; a vmapped while-loop runs to
+  the slowest member of its batch): equal to solving each device's block on its own.
+  ``solve`` replaces the solver (same signature; default ``solvers.sparse_simplex.solve``).
   """
   if solve is None:
     from solvers.sparse_simplex import solve
@@ -569,12 +573,13 @@ def sharded_solve(refs, targets, lam, mesh: Mesh, *, axis: str = "data",
                      f"{axis!r} of size {mesh.shape[axis]}; pad the batch")
   refs_spec = P(axis) if refs.ndim == 3 else P()
 
-  def local(refs, targets):
+  def body(refs, targets):
     refs = jnp.broadcast_to(refs, targets.shape[:-1] + refs.shape[-2:])
     return solve(refs, targets, lam, **solve_kwargs)
 
-  body = jax.shard_map(local, mesh=mesh, in_specs=(refs_spec, P(axis)), out_specs=P(axis),
-                       check_vma=False)
+  if independent:
+    body = jax.shard_map(body, mesh=mesh, in_specs=(refs_spec, P(axis)), out_specs=P(axis),
+                         check_vma=False)
   batch = NamedSharding(mesh, P(axis))
   return jax.jit(body, in_shardings=(NamedSharding(mesh, refs_spec), batch),
                  out_shardings=batch)(refs, targets)
