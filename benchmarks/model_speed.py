@@ -9,8 +9,9 @@ loaded with ``models.hf.load``) and the same adapter (a PEFT LoRA with random no
 lora_B, read with ``rpe_jax.peft_io.read_peft``), so the table also reports the largest
 output difference. Cases: no adapter, the adapter unmerged (x W + (x a) b), the adapter
 merged into the kernels; then one LoRA train step (AdamW, adapter only trainable) on both
-sides. Times are medians over ``--reps`` after ``--warmup`` calls (ours: compiled and
-``block_until_ready``; torch: ``no_grad``/eval, ``torch.set_num_threads(--threads)``).
+sides. The two sides are timed alternately, ``--reps`` pairs after ``--warmup`` pairs, and
+the ratio is the median of the per-pair ratios, so both see the same machine load (ours:
+compiled and ``block_until_ready``; torch: ``no_grad``/eval, ``torch.set_num_threads``).
 
 Adding a model: write ``<name>_cases(args) -> list[Row]`` and add it to ``MODELS``.
 Writes benchmarks/results/model_speed_<model>.json and .png.
@@ -39,21 +40,34 @@ import numpy as np  # noqa: E402
 class Row(NamedTuple):
   case: str
   ours_s: float             # median seconds per call
-  torch_s: float | None
+  torch_s: float
+  ratio: float              # median over alternating pairs of ours / torch time
   items: int                # images (or sequences) per call
   max_abs_diff: float | None
 
 
-def median_time(fn: Callable[[], object], reps: int, warmup: int) -> tuple[float, object]:
-  """(median wall time of ``fn()``, its last result); ``fn`` must block until it is ready."""
+def paired_times(ours: Callable[[], object], theirs: Callable[[], object], reps: int,
+                 warmup: int) -> tuple[float, float, float, object, object]:
+  """Time ``ours`` and ``theirs`` alternately (both must block until done).
+
+  The machine is shared, so load drifts: alternating the two and taking the median of the
+  per-pair ratios compares them under the same load. Returns (median ours s, median theirs
+  s, median of ours/theirs per pair, last outputs of each).
+  """
   for _ in range(warmup):
-    fn()
-  times, out = [], None
+    ours()
+    theirs()
+  t_ours, t_theirs, out_ours, out_theirs = [], [], None, None
   for _ in range(reps):
     t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
+    out_ours = ours()
+    t1 = time.perf_counter()
+    out_theirs = theirs()
+    t2 = time.perf_counter()
+    t_ours.append(t1 - t0)
+    t_theirs.append(t2 - t1)
+  ratio = statistics.median(a / b for a, b in zip(t_ours, t_theirs))
+  return (statistics.median(t_ours), statistics.median(t_theirs), ratio, out_ours, out_theirs)
 
 
 def _ready(tree):
@@ -115,10 +129,9 @@ def vit_cases(args) -> list[Row]:
   rows = []
 
   def forward_row(case, ours_fn, torch_fn):
-    t_ours, out = median_time(ours_fn, args.reps, args.warmup)
-    t_torch, ref = median_time(torch_fn, args.reps, args.warmup)
+    t_ours, t_torch, ratio, out, ref = paired_times(ours_fn, torch_fn, args.reps, args.warmup)
     diff = float(np.abs(np.asarray(out) - ref.numpy()).max())
-    rows.append(Row(case, t_ours, t_torch, args.batch, diff))
+    rows.append(Row(case, t_ours, t_torch, ratio, args.batch, diff))
     print(f"  {case}: ours {t_ours * 1e3:.1f} ms, torch {t_torch * 1e3:.1f} ms", flush=True)
 
   with theirs.disable_adapter():
@@ -159,9 +172,9 @@ def vit_cases(args) -> list[Row]:
     torch_opt.step()
     return loss
 
-  t_ours, _ = median_time(ours_train, args.reps, args.warmup)
-  t_torch, _ = median_time(torch_train, args.reps, args.warmup)
-  rows.append(Row(f"train step, LoRA r={args.rank} (q,v)", t_ours, t_torch, args.batch, None))
+  t_ours, t_torch, ratio, _, _ = paired_times(ours_train, torch_train, args.reps, args.warmup)
+  rows.append(Row(f"train step, LoRA r={args.rank} (q,v)", t_ours, t_torch, ratio, args.batch,
+                  None))
   print(f"  train: ours {t_ours * 1e3:.1f} ms, torch {t_torch * 1e3:.1f} ms", flush=True)
   theirs.eval()
   with torch.no_grad():  # undo torch's training steps (ours trained a copy of the state)
@@ -183,15 +196,13 @@ MODELS = {"vit": vit_cases}
 # --- Report ---------------------------------------------------------------------------------
 
 def table(rows: list[Row]) -> str:
-  lines = ["| case | ours ms | torch ms | ours items/s | torch items/s | ours/torch time | max abs diff |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| case | ours ms | torch ms | ours items/s | torch items/s | ours/torch time "
+           "| max abs diff |", "|---|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    t = "-" if r.torch_s is None else f"{r.torch_s * 1e3:.1f}"
-    tp = "-" if r.torch_s is None else f"{r.items / r.torch_s:.1f}"
-    ratio = "-" if r.torch_s is None else f"{r.ours_s / r.torch_s:.2f}"
     diff = "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
-    lines.append(f"| {r.case} | {r.ours_s * 1e3:.1f} | {t} | {r.items / r.ours_s:.1f} | {tp} "
-                 f"| {ratio} | {diff} |")
+    lines.append(f"| {r.case} | {r.ours_s * 1e3:.1f} | {r.torch_s * 1e3:.1f} "
+                 f"| {r.items / r.ours_s:.1f} | {r.items / r.torch_s:.1f} | {r.ratio:.2f} "
+                 f"| {diff} |")
   return "\n".join(lines)
 
 
@@ -202,8 +213,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 3.5))
   idx = np.arange(len(rows))
   ax.barh(idx - 0.2, [r.items / r.ours_s for r in rows], 0.4, label="ours (JAX, jit)")
-  ax.barh(idx + 0.2, [r.items / r.torch_s if r.torch_s else 0 for r in rows], 0.4,
-          label="HF PyTorch")
+  ax.barh(idx + 0.2, [r.items / r.torch_s for r in rows], 0.4, label="HF PyTorch")
   ax.set_yticks(idx, [r.case for r in rows])
   ax.set_xlabel("items / s (higher is better)")
   ax.set_title(title)
@@ -234,9 +244,9 @@ def main(argv=None) -> None:
   rows = MODELS[args.model](args)
   print()
   print(table(rows))
-  fwd = [r for r in rows if r.case.startswith("forward") and r.torch_s]
+  fwd = [r for r in rows if r.case.startswith("forward")]
   if fwd:
-    print(f"\nours/PyTorch forward time (no adapter): {fwd[0].ours_s / fwd[0].torch_s:.2f}")
+    print(f"\nours/PyTorch forward time (no adapter, median of paired ratios): {fwd[0].ratio:.2f}")
   args.out.mkdir(parents=True, exist_ok=True)
   stem = args.out / f"model_speed_{args.model}"
   meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -167,6 +167,9 @@ def read_peft(folder, model: nnx.Module, *, dtype=jnp.float32) -> dict:
         lacking = ({"A", "B"} - set(pair)).pop()
         raise ValueError(f"{weights_path}: module {module!r} has no lora_{lacking}.weight")
       ours = _our_module(kmap, module, layers)
+      if ours in flat:
+        raise ValueError(f"{weights_path}: two modules map to our layer {ours!r} "
+                         f"(legacy and transformers-v5 names of one module?)")
       layer = layers[ours]
       lora_a, lora_b = f.get_tensor(pair["A"]), f.get_tensor(pair["B"])
       r = lora_a.shape[0]

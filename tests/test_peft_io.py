@@ -169,6 +169,14 @@ def test_legacy_module_names_read_the_same(base, tmp_path):
   assert sorted(want) == sorted(got)
   for path in want:
     np.testing.assert_array_equal(np.asarray(got[path].b), np.asarray(want[path].b))
+  # Both namings of one module in one file: ambiguous, refused.
+  (tmp_path / "both").mkdir()
+  both = {**tensors, **{k: v.clone() for k, v in legacy.items()}}
+  save_file(both, str(tmp_path / "both" / "adapter_model.safetensors"))
+  config["target_modules"] = None
+  (tmp_path / "both" / "adapter_config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="two modules map"):
+    read_peft(tmp_path / "both", ours)
 
 
 def test_dora_is_refused(base, tmp_path):
