@@ -1,13 +1,15 @@
 """Exact top-k retrieval of prototypes by squared L2 distance, jit-compiled.
 
-For a target z and references z_i (rows of a device-resident matrix Z),
+For a target z and references z_i,
 
     d_i² = ‖z‖² − 2 z·z_i + ‖z_i‖²,
 
-so ranking needs one matrix product Z z (the floor) and a top-k of 2 z·z_i − ‖z_i‖²
-(‖z‖² is constant per target). The k winners are then re-measured directly,
-d_i² = Σ (z − z_i)², which is exact where the expanded form cancels, and sorted by
-(distance, index): ties go to the smaller index, deterministically.
+so ranking needs one matrix product (the floor) and a top-k of z·z_i − ‖z_i‖²/2 (‖z‖² is
+constant per target). The index stores the augmented rows [z_i, −‖z_i‖²/2], so the score
+comes straight out of one product with [z, 1] — no extra pass over the [B, N] scores
+before the top-k. The k winners are then re-measured directly, d_i² = Σ (z − z_i)², which
+is exact where the expanded form cancels, and sorted by (distance, index): ties go to the
+smaller index, deterministically.
 
 The result carries what the weighting step's Gram form needs — c_i = z·z_i, ‖z_i‖², ‖z‖²
 and the k reference vectors — so it never has to touch the whole library again.
@@ -33,19 +35,25 @@ class RetrievalError(ValueError):
 
 
 class PrototypeIndex(NamedTuple):
-  """Device-resident prototypes of one encoder: ``matrix`` [N_pad, d], ``sqnorm`` [N_pad]."""
+  """Device-resident prototypes of one encoder.
+
+  ``augmented`` [N_pad, d + 1] holds the rows [z_i, −‖z_i‖²/2] (padding rows: [0, −inf]).
+  """
 
   names: np.ndarray        # [N] str (object array), row order of the matrix
-  matrix: jax.Array
-  sqnorm: jax.Array
+  augmented: jax.Array
 
   @property
   def size(self) -> int:
     return len(self.names)
 
   @property
+  def rows(self) -> int:
+    return int(self.augmented.shape[0])
+
+  @property
   def dim(self) -> int:
-    return int(self.matrix.shape[1])
+    return int(self.augmented.shape[1]) - 1
 
 
 class Retrieval(NamedTuple):
@@ -73,18 +81,17 @@ def padded_rows(n: int) -> int:
 
 
 def build_index(names: Sequence[str], matrix, *, device=None) -> PrototypeIndex:
-  """Put an [N, d] float32 prototype matrix on the device, padded (see module doc)."""
+  """Put an [N, d] float32 prototype matrix on the device, augmented and padded."""
   matrix = np.asarray(matrix, np.float32)
   if matrix.ndim != 2 or matrix.shape[0] != len(names):
     raise RetrievalError(f"prototype matrix must be [{len(names)}, d], got {list(matrix.shape)}")
   n, d = matrix.shape
-  rows = padded_rows(n)
-  padded = np.zeros((rows, d), np.float32)
-  padded[:n] = matrix
-  sqnorm = np.full((rows,), np.inf, np.float32)
-  sqnorm[:n] = np.einsum("nd,nd->n", matrix, matrix, dtype=np.float64)
-  put = functools.partial(jax.device_put, device=device)
-  return PrototypeIndex(np.asarray(list(names), dtype=object), put(padded), put(sqnorm))
+  augmented = np.zeros((padded_rows(n), d + 1), np.float32)
+  augmented[:n, :d] = matrix
+  augmented[:n, d] = -0.5 * np.einsum("nd,nd->n", matrix, matrix, dtype=np.float64)
+  augmented[n:, d] = -np.inf
+  return PrototypeIndex(np.asarray(list(names), dtype=object),
+                        jax.device_put(augmented, device))
 
 
 def distance_matrix_product(matrix: jax.Array, queries: jax.Array) -> jax.Array:
@@ -116,9 +123,11 @@ def _blocked_top_k(score: jax.Array, k: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "approx", "squeeze"))
-def _search(matrix, sqnorm, queries, mask, *, k: int, approx: bool, squeeze: bool):
-  # 2 z·z_i − ‖z_i‖² = ‖z‖² − d_i²: larger is nearer; padding rows score −inf.
-  score = distance_matrix_product(matrix, 2.0 * queries) - sqnorm
+def _search(augmented, queries, mask, *, k: int, approx: bool, squeeze: bool):
+  d = queries.shape[1]
+  # [z, 1]·[z_i, −‖z_i‖²/2] = (‖z‖² − d_i²)/2: larger is nearer; padding rows score −inf.
+  ones = jnp.ones((queries.shape[0], 1), queries.dtype)
+  score = distance_matrix_product(augmented, jnp.concatenate([queries, ones], axis=1))
   if mask is not None:
     score = jnp.where(mask, -jnp.inf, score)
   if approx:
@@ -127,14 +136,16 @@ def _search(matrix, sqnorm, queries, mask, *, k: int, approx: bool, squeeze: boo
     idx = _blocked_top_k(score, k)
   else:
     _, idx = jax.lax.top_k(score, k)
-  refs = matrix[idx]                                              # [B, k, d]
+  rows = augmented[idx]                                           # [B, k, d + 1]
+  refs = rows[..., :d]
   dist = jnp.sum(jnp.square(queries[:, None, :] - refs), axis=-1)
   order = jnp.broadcast_to(jnp.arange(k), idx.shape)
   _, idx, order = jax.lax.sort((dist, idx, order), dimension=-1, num_keys=2)
   refs = jnp.take_along_axis(refs, order[..., None], axis=1)
   dist = jnp.take_along_axis(dist, order, axis=1)
+  ref_sqnorm = -2.0 * jnp.take_along_axis(rows[..., d], order, axis=1)
   inner = jnp.einsum("bkd,bd->bk", refs, queries, precision=jax.lax.Precision.HIGHEST)
-  out = dist, idx, inner, sqnorm[idx], jnp.sum(jnp.square(queries), axis=-1), refs
+  out = dist, idx, inner, ref_sqnorm, jnp.sum(jnp.square(queries), axis=-1), refs
   return tuple(o[0] for o in out) if squeeze else out
 
 
@@ -149,7 +160,7 @@ def exclusion_mask(index: PrototypeIndex, exclude, batch: int) -> np.ndarray | N
   groups = list(exclude) if per_target else [[exclude] if isinstance(exclude, str) else exclude]
   if per_target and len(groups) != batch:
     raise RetrievalError(f"exclude has {len(groups)} per-target lists for {batch} targets")
-  mask = np.zeros((len(groups), int(index.matrix.shape[0])), bool)
+  mask = np.zeros((len(groups), index.rows), bool)
   for row, names in enumerate(groups):
     for name in names:
       if name not in position:
@@ -190,7 +201,7 @@ def search(index: PrototypeIndex, prototypes, k: int, *, exclude=(),
     z = np.concatenate([z, np.zeros((rows - batch, z.shape[1]), np.float32)])
     if mask is not None and mask.shape[0] == batch and batch > 1:
       mask = np.concatenate([mask, np.zeros((rows - batch, mask.shape[1]), bool)])
-  out = _search(index.matrix, index.sqnorm, jnp.asarray(z),
+  out = _search(index.augmented, jnp.asarray(z),
                 None if mask is None else jnp.asarray(mask), k=int(k), approx=approx,
                 squeeze=single)
   if rows != batch:

@@ -367,7 +367,7 @@ def test_blocked_top_k_is_exact_with_ties_across_blocks(k):
   refs[[2999, 40, 1700, 41, 130]] = z[0]   # five exact hits for target 0, two in one block
   refs[[900, 901]] = z[1]
   index = retrieval.build_index([f"r{i}" for i in range(3000)], refs)
-  assert index.matrix.shape[0] // retrieval.BLOCK >= 8 * k  # the blocked path is taken
+  assert index.rows // retrieval.BLOCK >= 8 * k  # the blocked path is taken
   r = retrieval.search(index, z, k)
   idx, dist = oracle_topk(refs, z, k)
   np.testing.assert_array_equal(np.asarray(r.indices), idx)
