@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 from models import llama
-from models.lora import LoRAParam, init_adapters
+from models.lora import LoRAParam, init_adapters, total_orthogonality_penalty
 from rpe_jax.compose import adapter_of, with_adapter
 from rpe_jax.prototypes import Prototype
 
@@ -276,6 +276,7 @@ class TextTrainConfig(NamedTuple):
   weight_decay: float = 0.0
   warmup_steps: int = 10
   clip_norm: float = 1.0
+  ortho_weight: float | None = None  # None: 0.1 for svd (Med-LEGO's penalty), 0 for lora
   seed: int = 0
 
 
@@ -295,10 +296,14 @@ def _optimizer(lr, weight_decay, warmup_steps, steps, clip_norm):
                      optax.adamw(schedule, weight_decay=weight_decay))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
-def _train_step(graphdef, params, rest, opt_state, ids, attn, loss_mask, *, tx):
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "ortho_weight"))
+def _train_step(graphdef, params, rest, opt_state, ids, attn, loss_mask, *, tx, ortho_weight):
   def loss_fn(p):
-    return impression_loss(nnx.merge(graphdef, p, rest), ids, attn, loss_mask)
+    model = nnx.merge(graphdef, p, rest)
+    loss = impression_loss(model, ids, attn, loss_mask)
+    if ortho_weight:
+      loss = loss + ortho_weight * total_orthogonality_penalty(adapter_of(model))
+    return loss
   loss, grads = jax.value_and_grad(loss_fn)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
@@ -310,6 +315,8 @@ def train_adapter(model: llama.LlamaForCausalLM, data: TokenBatch,
 
   Steps draw fixed-size batches from a per-epoch permutation seeded by ``config.seed``,
   so a run is deterministic. The learning rate warms up linearly then decays by cosine.
+  SVD-LoRA adds Med-LEGO's orthogonality penalty λ_⊥ Σ ‖aᵀa − I‖² + ‖b bᵀ − I‖² to the
+  objective (``losses`` records the objective).
   """
   n = len(data.input_ids)
   if config.batch_size > n:
@@ -323,6 +330,8 @@ def train_adapter(model: llama.LlamaForCausalLM, data: TokenBatch,
   tx = _optimizer(float(config.lr), float(config.weight_decay), int(config.warmup_steps),
                   int(config.steps), float(config.clip_norm))
   opt_state = tx.init(params)
+  ortho = config.ortho_weight if config.ortho_weight is not None else (
+      0.1 if config.kind == "svd" else 0.0)
   per_epoch = n // config.batch_size
   losses = []
   for step in range(config.steps):
@@ -331,7 +340,8 @@ def train_adapter(model: llama.LlamaForCausalLM, data: TokenBatch,
     idx = order[i * config.batch_size:(i + 1) * config.batch_size]
     params, opt_state, loss = _train_step(
         graphdef, params, rest, opt_state, jnp.asarray(data.input_ids[idx]),
-        jnp.asarray(data.attention_mask[idx]), jnp.asarray(data.loss_mask[idx]), tx=tx)
+        jnp.asarray(data.attention_mask[idx]), jnp.asarray(data.loss_mask[idx]), tx=tx,
+        ortho_weight=float(ortho))
     losses.append(loss)
   trained = nnx.merge(graphdef, params, rest)
   return TextTrainResult(adapter_of(trained), trained, np.asarray(jax.device_get(losses)))

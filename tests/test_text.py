@@ -198,6 +198,26 @@ def test_train_adapter_learns_impressions_and_leaves_base_alone(codec):
     text.train_adapter(base, data, config._replace(batch_size=100))
 
 
+def test_train_svd_adapter_with_orthogonality_penalty(codec):
+  from models.lora import SVDLoRA, total_orthogonality_penalty
+  base = tiny_base(codec)
+  data = text.encode_examples(codec, text.synthetic_reports("mri_brain", 32, seed=9), 64)
+  config = text.TextTrainConfig(steps=30, batch_size=8, lr=1e-2, rank=4, kind="svd",
+                                targets=("q_proj", "v_proj"))
+  result = text.train_adapter(base, data, config)
+  leaves = jax.tree.leaves(result.adapter, is_leaf=lambda x: isinstance(x, SVDLoRA))
+  assert len(leaves) == 4 and all(isinstance(x, SVDLoRA) for x in leaves)
+  assert result.losses[-5:].mean() < result.losses[:5].mean() - 0.3
+  # The first step's objective is the loss plus 0.1 x the penalty of the fresh adapter.
+  fresh = with_adapter(base, {})
+  from models.lora import init_adapters
+  init_adapters(fresh, config.targets, 4, kind="svd", rngs=nnx.Rngs(0))
+  idx = np.random.default_rng((0, 0)).permutation(32)[:8]
+  want = float(text.impression_loss(fresh, *(x[idx] for x in data))) + 0.1 * float(
+      total_orthogonality_penalty(adapter_of(fresh)))
+  assert result.losses[0] == pytest.approx(want, rel=1e-4)
+
+
 @pytest.mark.slow
 def test_leave_one_out_composition_beats_the_base(codec):
   """Three modality adapters composed for a held-out fourth with every strategy."""
