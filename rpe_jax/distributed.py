@@ -1,4 +1,5 @@
-"""Multi-host runs: ``jax.distributed.initialize`` for the CLI, and the ``--mesh`` flags.
+"""Multi-host runs: ``jax.distributed.initialize`` for the CLI, the ``--mesh`` flags, and
+sharded orbax checkpoints (restorable onto any other mesh).
 
 One process per host (per GPU on some launchers); every process runs the same command.
 ``maybe_initialize_distributed(args)`` joins the run when flags ask for it
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 from typing import Callable, Mapping
 
 import jax
@@ -109,3 +111,34 @@ def is_primary() -> bool:
 def mesh_from_args(args):
   """The mesh ``--mesh`` asks for (default: one ``data`` axis over every device)."""
   return make_mesh(getattr(args, "mesh", None) or "data=-1")
+
+
+def save_checkpoint(path, tree, *, force: bool = False) -> pathlib.Path:
+  """Save a (sharded) pytree — adapter, stacked library or ``nnx.state(model)`` — with orbax.
+
+  Every process must call it in a multi-host run: each writes the shards it holds and
+  orbax lets process 0 write the metadata. Returns the absolute path.
+  """
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path).absolute()
+  if path.exists() and not force:
+    raise FileExistsError(f"checkpoint {path} exists; pass force=True to overwrite it")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, tree, force=force)
+  checkpointer.wait_until_finished()
+  return path
+
+
+def restore_checkpoint(path, like, shardings):
+  """Restore a checkpoint onto any mesh: ``like`` gives the structure, shapes and dtypes
+  (arrays or ``jax.ShapeDtypeStruct``s; e.g. ``nnx.state(nnx.eval_shape(...))``),
+  ``shardings`` the target placement (a tree like ``like`` or one sharding for all)."""
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"no checkpoint at {path}")
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, like)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        like, shardings)
+  return ocp.StandardCheckpointer().restore(path, target)

@@ -26,17 +26,16 @@ became) on a named ``Mesh``; user code does not change between one device and ma
   TSQR on the sharded factors (local QR per device, one all-gather of the small R blocks,
   the small core SVD replicated), so no dense [in, out] matrix and no gathered factor.
 * ``sharded_solve`` runs the batched weight solver with the batch axis sharded.
-* ``save_checkpoint`` / ``restore_checkpoint``: orbax, restorable onto any other mesh.
 
-Multi-host start-up (``jax.distributed.initialize``) and the ``--mesh`` flags live in
-``rpe_jax.distributed``.
+Multi-host start-up (``jax.distributed.initialize``), the ``--mesh`` flags and sharded orbax
+checkpoints live in ``rpe_jax.distributed``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import pathlib
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -85,7 +84,9 @@ def make_mesh(spec: str | Mapping[str, int], *, devices: Sequence | None = None,
   Axes are ``AxisType.Auto`` by default: shardings are propagated by the compiler, as with
   ``pjit``, so models written without sharding annotations run unchanged.
   """
-  axes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
+  if not isinstance(spec, str):
+    spec = ",".join(f"{k}={v}" for k, v in dict(spec).items())
+  axes = parse_mesh(spec)
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   known = math.prod(v for v in axes.values() if v != -1)
@@ -99,6 +100,9 @@ def make_mesh(spec: str | Mapping[str, int], *, devices: Sequence | None = None,
     raise ValueError(f"mesh {axes} needs {size} devices, which does not divide the {n} "
                      f"available ({jax.devices()[0].platform}); pick sizes whose product "
                      f"divides {n}")
+  if size != n and jax.process_count() > 1:
+    raise ValueError(f"mesh {axes} uses {size} of the {n} devices; across "
+                     f"{jax.process_count()} processes a mesh must span every device")
   if axis_types is None:
     axis_types = (AxisType.Auto,) * len(axes)
   return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=axis_types,
@@ -106,7 +110,8 @@ def make_mesh(spec: str | Mapping[str, int], *, devices: Sequence | None = None,
 
 
 def batch_sharding(mesh: Mesh, axis: str | None = "data") -> NamedSharding:
-  """Leading (batch) axis sharded over ``axis``, the rest replicated."""
+  """Leading (batch) axis sharded over ``axis``, the rest replicated (everything replicated
+  when the mesh has no such axis: no data parallelism, e.g. ``--mesh model=8``)."""
   return NamedSharding(mesh, P(axis) if axis in mesh.axis_names else P())
 
 
@@ -461,6 +466,19 @@ def _truncate_sharded(leaf, mesh: Mesh, rank: int | None, energy: float | None):
                  (vt[:r] @ qb.T).astype(dtype))
 
 
+def _compose_stack(stack, w, mesh, rank, energy):
+  """The jitted body of `sharded_combine`: concatenate every layer, then maybe truncate."""
+  w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+
+  def one(leaf):
+    leaf = _concat_stacked(leaf, w)
+    if rank is None and energy is None:
+      return leaf
+    return _truncate_sharded(leaf, mesh, rank, energy)
+
+  return jax.tree.map(one, stack, is_leaf=is_lora)
+
+
 def _out_shardings(out_sharding, shapes, mesh: Mesh, model_type, preset):
   if out_sharding is None and model_type is not None:
     return adapter_shardings(shapes, mesh, model_type=model_type, preset=preset)
@@ -513,18 +531,12 @@ def sharded_combine(stack, weights, mesh: Mesh, *, rank: int | None = None,
     raise ValueError(f"sharded_combine: rank must be an int >= 1, got {rank!r}")
   if energy is not None and not 0.0 < float(energy) <= 1.0:
     raise ValueError(f"sharded_combine: energy must be in (0, 1], got {energy!r}")
-  truncating = rank is not None or energy is not None
-
-  def compose(stack, w):
-    def one(leaf):
-      leaf = _concat_stacked(leaf, w.astype(jnp.promote_types(w.dtype, jnp.float32)))
-      return _truncate_sharded(leaf, mesh, rank, energy) if truncating else leaf
-    return jax.tree.map(one, stack, is_leaf=is_lora)
-
-  shapes = jax.eval_shape(compose, stack, weights)
+  static = (mesh, None if rank is None else int(rank), None if energy is None else float(energy))
+  shapes = jax.eval_shape(lambda s, w: _compose_stack(s, w, *static), stack, weights)
   out_sh = _out_shardings(out_sharding, shapes, mesh, model_type, preset)
-  out = jax.jit(compose, in_shardings=(in_sh, replicated(mesh)),
-                out_shardings=out_sh)(stack, weights)
+  # A module-level function with static options: repeated calls reuse the compilation.
+  out = jax.jit(_compose_stack, static_argnums=(2, 3, 4), in_shardings=(in_sh, replicated(mesh)),
+                out_shardings=out_sh)(stack, weights, *static)
   if energy is None or rank is not None:
     return out
   # Energy without a rank cap: the cut depends on the singular values, read per layer.
@@ -546,8 +558,8 @@ def sharded_solve(refs, targets, lam, mesh: Mesh, *, axis: str = "data",
   """``solvers.sparse_simplex.solve`` for T targets with the batch axis over ``axis``.
 
   refs: [k, d] shared (replicated) or [T, k, d] (sharded with the targets); targets [T, d];
-  T must split evenly over ``axis``. Compiled as ``jax.jit`` with ``in_shardings`` /
-  ``out_shardings`` on the batch axis; returns the ``Solution`` with every field's batch
+  T must split evenly over ``axis``; lam: one scalar λ for all targets. Compiled as
+  ``jax.jit`` with ``in_shardings`` / ``out_shardings`` on the batch axis; returns the ``Solution`` with every field's batch
   axis sharded over ``axis``.
 
   independent=False: one SPMD program over the whole batch; the loop's batch-wide tests
@@ -571,48 +583,26 @@ def sharded_solve(refs, targets, lam, mesh: Mesh, *, axis: str = "data",
   if targets.shape[0] % mesh.shape[axis]:
     raise ValueError(f"sharded_solve: {targets.shape[0]} targets do not split over mesh axis "
                      f"{axis!r} of size {mesh.shape[axis]}; pad the batch")
-  refs_spec = P(axis) if refs.ndim == 3 else P()
+  if jnp.ndim(lam) != 0:
+    raise ValueError(f"sharded_solve: lam must be a scalar (one λ for every target), got "
+                     f"shape {jnp.shape(lam)}")
+  program = _solve_program(mesh, axis, refs.ndim == 3, bool(independent), solve,
+                           tuple(sorted(solve_kwargs.items())))
+  return program(refs, targets, jnp.asarray(lam))
 
-  def body(refs, targets):
+
+@functools.lru_cache(maxsize=64)
+def _solve_program(mesh, axis, per_target_refs, independent, solve, kwargs):
+  """The compiled `sharded_solve`, built once per configuration (so calls reuse it)."""
+  refs_spec = P(axis) if per_target_refs else P()
+
+  def body(refs, targets, lam):
     refs = jnp.broadcast_to(refs, targets.shape[:-1] + refs.shape[-2:])
-    return solve(refs, targets, lam, **solve_kwargs)
+    return solve(refs, targets, lam, **dict(kwargs))
 
   if independent:
-    body = jax.shard_map(body, mesh=mesh, in_specs=(refs_spec, P(axis)), out_specs=P(axis),
-                         check_vma=False)
+    body = jax.shard_map(body, mesh=mesh, in_specs=(refs_spec, P(axis), P()),
+                         out_specs=P(axis), check_vma=False)
   batch = NamedSharding(mesh, P(axis))
-  return jax.jit(body, in_shardings=(NamedSharding(mesh, refs_spec), batch),
-                 out_shardings=batch)(refs, targets)
-
-
-# --- Checkpoints (orbax) ----------------------------------------------------------------------
-
-def save_checkpoint(path, tree, *, force: bool = False) -> pathlib.Path:
-  """Save a (sharded) pytree — adapter, stacked library or ``nnx.state(model)`` — with orbax.
-
-  Every process must call it in a multi-host run: each writes the shards it holds and
-  orbax lets process 0 write the metadata. Returns the absolute path.
-  """
-  import orbax.checkpoint as ocp
-  path = pathlib.Path(path).absolute()
-  if path.exists() and not force:
-    raise FileExistsError(f"checkpoint {path} exists; pass force=True to overwrite it")
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, tree, force=force)
-  checkpointer.wait_until_finished()
-  return path
-
-
-def restore_checkpoint(path, like, shardings):
-  """Restore a checkpoint onto any mesh: ``like`` gives the structure, shapes and dtypes
-  (arrays or ``jax.ShapeDtypeStruct``s; e.g. ``nnx.state(nnx.eval_shape(...))``),
-  ``shardings`` the target placement (a tree like ``like`` or one sharding for all)."""
-  import orbax.checkpoint as ocp
-  path = pathlib.Path(path).absolute()
-  if not path.exists():
-    raise FileNotFoundError(f"no checkpoint at {path}")
-  if isinstance(shardings, jax.sharding.Sharding):
-    shardings = jax.tree.map(lambda _: shardings, like)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        like, shardings)
-  return ocp.StandardCheckpointer().restore(path, target)
+  return jax.jit(body, in_shardings=(NamedSharding(mesh, refs_spec), batch, replicated(mesh)),
+                 out_shardings=batch)

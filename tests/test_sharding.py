@@ -423,11 +423,11 @@ def test_adapter_checkpoint_restores_onto_another_mesh(vit, tmp_path):
   mesh_a, mesh_b = sh.make_mesh("data=2,model=4"), sh.make_mesh("data=4,model=2")
   adapter = _random_adapter(vit, VIT_TARGETS, 4, 7)
   saved = jax.device_put(adapter, sh.adapter_shardings(adapter, mesh_a, model_type="vit"))
-  path = sh.save_checkpoint(tmp_path / "adapter", saved)
+  path = distributed.save_checkpoint(tmp_path / "adapter", saved)
   with pytest.raises(FileExistsError):
-    sh.save_checkpoint(tmp_path / "adapter", saved)
+    distributed.save_checkpoint(tmp_path / "adapter", saved)
   wanted = sh.adapter_shardings(adapter, mesh_b, model_type="vit", preset="fsdp_tp")
-  restored = sh.restore_checkpoint(path, adapter, wanted)
+  restored = distributed.restore_checkpoint(path, adapter, wanted)
   _assert_shardings(restored, wanted)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                restored, adapter)
@@ -437,10 +437,10 @@ def test_model_checkpoint_restores_onto_another_mesh(vit, tmp_path):
   mesh_a, mesh_b = sh.make_mesh("data=2,model=4"), sh.make_mesh("model=8")
   model = nnx.merge(*nnx.split(vit))
   sh.shard_model(model, mesh_a, "fsdp_tp")
-  path = sh.save_checkpoint(tmp_path / "model", nnx.state(model))
+  path = distributed.save_checkpoint(tmp_path / "model", nnx.state(model))
   abstract = nnx.state(nnx.eval_shape(lambda: ViTForImageClassification(VIT, rngs=nnx.Rngs(0))))
   wanted = sh.state_shardings(abstract, mesh_b, model_type="vit", preset="tp")
-  restored = sh.restore_checkpoint(path, abstract, wanted)
+  restored = distributed.restore_checkpoint(path, abstract, wanted)
   _assert_shardings(restored, wanted)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                restored, nnx.state(vit))
@@ -589,9 +589,9 @@ out = sh.sharded_combine(placed, w, mesh, rank=3)["q"]
 ref = compose.combine(ads, w, rank=3)["q"]
 delta = lambda l: (np.asarray(l.a, np.float64) * np.asarray(l.e)) @ np.asarray(l.b, np.float64)
 err = float(np.abs(delta(out) - delta(ref)).max() / np.abs(delta(ref)).max())
-path = sh.save_checkpoint(os.path.join(args.out, "ckpt"), placed)
+path = distributed.save_checkpoint(os.path.join(args.out, "ckpt"), placed)
 other = sh.make_mesh("data=2,model=4")
-restored = sh.restore_checkpoint(path, placed, sh.library_shardings(placed, other))
+restored = distributed.restore_checkpoint(path, placed, sh.library_shardings(placed, other))
 gathered = multihost_utils.process_allgather(restored["q"].a, tiled=True)
 same = bool(np.array_equal(np.asarray(gathered), np.asarray(sh.stack_adapters(ads)["q"].a)))
 print("RESULT " + json.dumps(dict(joined=joined, processes=jax.process_count(),
