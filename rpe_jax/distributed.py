@@ -26,8 +26,9 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
   """``--mesh`` and the multi-host flags, for the CLI."""
   group = parser.add_argument_group("devices and hosts")
   group.add_argument("--mesh", default=None, metavar="SPEC",
-                     help="device mesh, e.g. 'data=2,model=4' (product divides the device "
-                          "count; one size may be -1); default: one axis 'data' over all")
+                     help="shard over a device mesh, e.g. 'data=2,model=4' (the product "
+                          "divides the device count; one size may be -1); without it the "
+                          "work runs on one device")
   group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                      help="multi-host: address of process 0 (jax.distributed)")
   group.add_argument("--num-processes", type=int, default=None, metavar="N",
@@ -109,7 +110,7 @@ def is_primary() -> bool:
 
 
 def mesh_from_args(args):
-  """The mesh ``--mesh`` asks for (default: one ``data`` axis over every device)."""
+  """The mesh ``--mesh`` asks for (without it: one ``data`` axis over every device)."""
   return make_mesh(getattr(args, "mesh", None) or "data=-1")
 
 

@@ -70,6 +70,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--merge", action="store_true",
                       help="also write the base model with the adapter merged (HF layout)")
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
+  from rpe_jax import distributed   # --mesh and the multi-host flags (docs/multihost.md)
+  distributed.add_mesh_args(parser)
 
 
 class _Clock:
@@ -166,12 +168,13 @@ def _targets_from_data(datasets, model, pooling, progress) -> tuple[np.ndarray, 
 
 
 def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=None,
-                    exclude=(), rank=None, energy=None, clock=None):
+                    exclude=(), rank=None, energy=None, clock=None, mesh=None):
   """Retrieve, weigh and compose for a batch of target prototypes z [B, d].
 
   One retrieval and one batched weight solve serve all targets; the references and
   squared distances that retrieval computed are handed to the weighting step.
   Returns (retrieval, weights, composed adapters [B], kept[B]: the names composed).
+  With a ``mesh`` the composition runs sharded (``rpe_jax.sharding.combine_on_mesh``).
   """
   from rpe_jax import weighting
   from rpe_jax.compose import combine
@@ -194,8 +197,14 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=Non
         if name not in cache:
           cache[name] = library.load(name)
     with clock("combine"):
-      composed.append(combine([cache[n] for n in names], weights[b, use].astype(np.float32),
-                              rank=rank, energy=energy))
+      if mesh is not None:
+        from rpe_jax.sharding import combine_on_mesh
+        composed.append(combine_on_mesh([cache[n] for n in names],
+                                        weights[b, use].astype(np.float32), mesh,
+                                        rank=rank, energy=energy))
+      else:
+        composed.append(combine([cache[n] for n in names], weights[b, use].astype(np.float32),
+                                rank=rank, energy=energy))
     kept.append(names)
   return found, w, composed, kept
 
@@ -248,8 +257,16 @@ def format_table(name, names, sqdist, weights) -> str:
 
 def run(args) -> int:
   """``rpe compose`` / ``python -m rpe_jax.compose`` with parsed arguments."""
+  import jax
+  from rpe_jax import distributed
   from solvers import sparse_simplex
   _check_args(args)
+  # Multi-host: join before anything touches a device; process 0 alone writes files.
+  distributed.maybe_initialize_distributed(args)
+  mesh = distributed.mesh_from_args(args) if getattr(args, "mesh", None) else None
+  if args.out and args.format == "orbax" and jax.process_count() > 1:
+    raise ValueError("--format orbax is not supported in a multi-process run; use "
+                     "safetensors or peft (written by process 0)")
   clock = _Clock()
   library = _open_library(args.library)
   encoder = args.encoder
@@ -279,7 +296,8 @@ def run(args) -> int:
                      "a prototype of another encoder?")
   found, w, composed, kept = compose_targets(
       library, z, k=args.k, strategy=args.strategy, lam1=args.lam1, lam2=args.lam2,
-      encoder=encoder, exclude=args.exclude, rank=args.rank, energy=args.energy, clock=clock)
+      encoder=encoder, exclude=args.exclude, rank=args.rank, energy=args.energy, clock=clock,
+      mesh=mesh)
   status_names = [sparse_simplex.status_name(int(s)) for s in np.atleast_1d(w.status)]
   targets = []
   for b, name in enumerate(target_names):
@@ -299,11 +317,12 @@ def run(args) -> int:
       "exclude": args.exclude, "rank": args.rank, "energy": args.energy,
       "targets": targets, "timings_s": {},
   }
-  if args.out:
+  write = args.out and distributed.is_primary()
+  if write:
     with clock("write"):
       _write_outputs(args, Path(args.out), target_names, composed, model, report)
   report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
-  if args.out:   # rewrite with the final timings
+  if write:   # rewrite with the final timings
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
   if args.json:
     print(json.dumps(report, indent=2))

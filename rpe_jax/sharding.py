@@ -551,6 +551,26 @@ def sharded_combine(stack, weights, mesh: Mesh, *, rank: int | None = None,
   return jax.jit(take, out_shardings=out_sh)(out)
 
 
+def combine_on_mesh(adapters: Sequence, weights, mesh: Mesh, *, axis: str = "data",
+                    rank: int | None = None, energy: float | None = None, out_sharding=None,
+                    model_type: str | None = None, preset: str = "tp"):
+  """``compose.combine`` on a mesh: stack (padded to split over ``axis``), place, and
+  `sharded_combine` (the padded entries get weight 0). Without an ``axis`` axis in the
+  mesh the library goes on the mesh's first axis."""
+  axis = axis if axis in mesh.shape else mesh.axis_names[0]
+  adapters = list(adapters)
+  weights = jnp.asarray(weights)
+  if weights.shape != (len(adapters),):
+    raise ValueError(f"combine_on_mesh: weights must have shape ({len(adapters)},), "
+                     f"got {tuple(weights.shape)}")
+  stack = stack_adapters(adapters, multiple_of=mesh.shape.get(axis, 1))
+  k = jax.tree.leaves(stack)[0].shape[0]
+  placed = place_library(stack, mesh, axis, model_type=model_type, preset=preset)
+  return sharded_combine(placed, jnp.pad(weights, (0, k - len(adapters))), mesh, rank=rank,
+                         energy=energy, out_sharding=out_sharding, model_type=model_type,
+                         preset=preset)
+
+
 # --- The solver with its batch axis sharded ---------------------------------------------------
 
 def sharded_solve(refs, targets, lam, mesh: Mesh, *, axis: str = "data",

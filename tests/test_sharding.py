@@ -632,3 +632,32 @@ def test_two_processes_compose_and_checkpoint(tmp_path):
     assert r["joined"] and r["processes"] == 2 and r["devices"] == 8 and r["local"] == 4
     assert r["err"] < TOL and r["same"]
     assert r["spec"] == str(P("data"))
+
+
+# --- The CLI: python -m rpe_jax.compose --mesh ------------------------------------------------
+
+def test_compose_cli_on_a_mesh_equals_single_device(tmp_path, capsys):
+  from rpe_jax import adapter_file
+  from rpe_jax.library import Library
+  from rpe_jax.pipeline import main
+  rng = np.random.default_rng(0)
+  lib = Library.create(tmp_path / "lib")
+  for i in range(5):
+    adapter = {p: LoRA(rng.normal(size=(8, 2)).astype(np.float32),
+                       rng.normal(size=(2, 4)).astype(np.float32)) for p in ("l0.q", "l1.q")}
+    lib.add(f"site{i}", adapter, (rng.normal(size=6) + 3).astype(np.float32),
+            base_model="toy", encoder="toy-enc", n_samples=10)
+  lib.close()
+  np.save(tmp_path / "z.npy", (rng.normal(size=6) + 3).astype(np.float32))
+  common = ["--library", str(tmp_path / "lib"), "--prototype", str(tmp_path / "z.npy"),
+            "--k", "3", "--strategy", "lin", "--rank", "3"]
+  assert main(common + ["--out", str(tmp_path / "one")]) == 0
+  assert main(common + ["--out", str(tmp_path / "mesh"), "--mesh", "data=4,model=2"]) == 0
+  one, _ = adapter_file.load_adapter(tmp_path / "one" / "composed" / "adapter.safetensors")
+  sharded, _ = adapter_file.load_adapter(tmp_path / "mesh" / "composed" / "adapter.safetensors")
+  for path, leaf in to_flat(sharded).items():
+    _assert_close(_delta64(leaf), _delta64(to_flat(one)[path]))
+    _assert_close(leaf.e, to_flat(one)[path].e)
+  capsys.readouterr()
+  assert main(common + ["--mesh", "data=3"]) == 2
+  assert "does not divide" in capsys.readouterr().err
