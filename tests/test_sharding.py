@@ -636,10 +636,9 @@ def test_two_processes_compose_and_checkpoint(tmp_path):
 
 # --- The CLI: python -m rpe_jax.compose --mesh ------------------------------------------------
 
-def test_compose_cli_on_a_mesh_equals_single_device(tmp_path, capsys):
-  from rpe_jax import adapter_file
+def _cli_library(tmp_path):
+  """A 5-adapter library and a target prototype; returns the common CLI arguments."""
   from rpe_jax.library import Library
-  from rpe_jax.pipeline import main
   rng = np.random.default_rng(0)
   lib = Library.create(tmp_path / "lib")
   for i in range(5):
@@ -649,15 +648,59 @@ def test_compose_cli_on_a_mesh_equals_single_device(tmp_path, capsys):
             base_model="toy", encoder="toy-enc", n_samples=10)
   lib.close()
   np.save(tmp_path / "z.npy", (rng.normal(size=6) + 3).astype(np.float32))
-  common = ["--library", str(tmp_path / "lib"), "--prototype", str(tmp_path / "z.npy"),
-            "--k", "3", "--strategy", "lin", "--rank", "3"]
+  return ["--library", str(tmp_path / "lib"), "--prototype", str(tmp_path / "z.npy"),
+          "--k", "3", "--strategy", "lin", "--rank", "3"]
+
+
+def _assert_same_adapter_file(got, want):
+  from rpe_jax import adapter_file
+  got, _ = adapter_file.load_adapter(got / "composed" / "adapter.safetensors")
+  want, _ = adapter_file.load_adapter(want / "composed" / "adapter.safetensors")
+  assert sorted(to_flat(got)) == sorted(to_flat(want))
+  for path, leaf in to_flat(got).items():
+    _assert_close(_delta64(leaf), _delta64(to_flat(want)[path]))
+    _assert_close(leaf.e, to_flat(want)[path].e)
+
+
+def test_compose_cli_on_a_mesh_equals_single_device(tmp_path, capsys):
+  from rpe_jax.pipeline import main
+  common = _cli_library(tmp_path)
   assert main(common + ["--out", str(tmp_path / "one")]) == 0
   assert main(common + ["--out", str(tmp_path / "mesh"), "--mesh", "data=4,model=2"]) == 0
-  one, _ = adapter_file.load_adapter(tmp_path / "one" / "composed" / "adapter.safetensors")
-  sharded, _ = adapter_file.load_adapter(tmp_path / "mesh" / "composed" / "adapter.safetensors")
-  for path, leaf in to_flat(sharded).items():
-    _assert_close(_delta64(leaf), _delta64(to_flat(one)[path]))
-    _assert_close(leaf.e, to_flat(one)[path].e)
+  _assert_same_adapter_file(tmp_path / "mesh", tmp_path / "one")
   capsys.readouterr()
   assert main(common + ["--mesh", "data=3"]) == 2
   assert "does not divide" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compose_cli_across_two_processes(tmp_path, capsys):
+  """`python -m rpe_jax.compose --mesh data=8 --coordinator ...` on 2 processes × 4 CPU
+  devices: process 0 writes the single-device result, process 1 writes nothing."""
+  import os
+  import pathlib
+  import socket
+  import subprocess
+  import sys
+  from rpe_jax.pipeline import main
+  common = _cli_library(tmp_path)
+  assert main(common + ["--out", str(tmp_path / "one")]) == 0
+  capsys.readouterr()
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "rpe_jax.compose", *common, "--mesh", "data=8", "--coordinator",
+       f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
+       "--out", str(tmp_path / f"out{i}"), "--json"],
+      env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, text in zip(procs, outputs):
+    assert p.returncode == 0, text[-3000:]
+  _assert_same_adapter_file(tmp_path / "out0", tmp_path / "one")
+  assert not (tmp_path / "out1").exists()
