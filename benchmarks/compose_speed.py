@@ -213,7 +213,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_m.plot(ks, [r["ours_xla_bytes"] / 2**20 for r in sel], "^:",
               label=f"factored {label} (XLA buffers)")
     ax_m.plot(ks, [r["dense_extra_bytes"] / 2**20 for r in sel], "s--", label=f"dense {label}")
-  for ax, title in ((ax_t, "truncation time (ms)"), (ax_m, "peak extra RSS (MB)")):
+  for ax, title in ((ax_t, "truncation time (ms)"), (ax_m, "peak extra memory (MB): RSS rise, XLA buffers")):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("k adapters (rank 16 each)")
