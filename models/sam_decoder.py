@@ -76,7 +76,7 @@ def dense_positions(size: int, gaussian: jax.Array) -> jax.Array:
   """The image-wide positional embedding [size, size, C] at the cell centres."""
   centres = (np.arange(size, dtype=np.float32) + 0.5) / size
   grid = np.stack(np.meshgrid(centres, centres, indexing="xy"), axis=-1)   # [y, x, (x, y)]
-  return fourier_positions(jnp.asarray(grid), gaussian)
+  return fourier_positions(jnp.asarray(grid, gaussian.dtype), gaussian)
 
 
 class ConvTranspose2d(nnx.Module):
@@ -100,6 +100,8 @@ class ConvTranspose2d(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
+    dtype = jnp.promote_types(x.dtype, kernel.dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
     pad = kernel.shape[0] - 1 - self.padding
     y = jax.lax.conv_general_dilated(
         x, kernel[::-1, ::-1], window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
@@ -148,7 +150,7 @@ class PromptEncoder(nnx.Module):
     if pad:
       points = jnp.concatenate([points, jnp.zeros_like(points[..., :1, :])], axis=-2)
       labels = jnp.concatenate([labels, -jnp.ones_like(labels[..., :1])], axis=-1)
-    emb = fourier_positions(points / self.config.image_size, gaussian)
+    emb = fourier_positions((points / self.config.image_size).astype(gaussian.dtype), gaussian)
     lab = labels[..., None]
     emb = jnp.where(lab == -1, self.not_a_point_embed[...][0], emb)
     emb = jnp.where(lab == -10, 0.0, emb)
@@ -157,7 +159,7 @@ class PromptEncoder(nnx.Module):
 
   def embed_boxes(self, boxes, gaussian) -> jax.Array:
     corners = (boxes + 0.5).reshape(*boxes.shape[:-1], 2, 2)
-    emb = fourier_positions(corners / self.config.image_size, gaussian)
+    emb = fourier_positions((corners / self.config.image_size).astype(gaussian.dtype), gaussian)
     corner = jnp.concatenate([self.point_embed[2][...], self.point_embed[3][...]], axis=0)
     return emb + corner
 

@@ -291,14 +291,21 @@ def evaluate_dice(model: SamModel, ds: SegDataset, *, prompt: str = "box",
                            ds.masks).mean())
 
 
+def normalization(model: SamModel):
+  """``model_input`` as an ``rpe_jax.data.Normalization`` (gray tiled, (x − 0.5) / 0.25)."""
+  from rpe_jax.data import Normalization
+  v = model.config.vision
+  return Normalization(v.image_size, v.num_channels, (0.5,) * v.num_channels,
+                       (0.25,) * v.num_channels)
+
+
 def prototype(model: SamModel, ds: SegDataset, *, batch_size: int = 64) -> np.ndarray:
   """The task prototype z = mean over the images of the mean-pooled image embedding [C]
   (``rpe_jax.prototypes``, computed with whatever ``model`` is given: pass the frozen base)."""
   from rpe_jax.prototypes import prototype as mean_features
   ds = check_dataset(ds)
-  graphdef, state = nnx.split(model)
-  fn = lambda x: nnx.merge(graphdef, state).features(model_input(model, x))
-  return mean_features(None, ds.images, batch_size=batch_size, features_fn=fn).z
+  return mean_features(model, ds.images, "mean", batch_size=batch_size,
+                       normalization=normalization(model)).z
 
 
 # --- training -------------------------------------------------------------------------------

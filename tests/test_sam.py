@@ -272,3 +272,19 @@ def test_decoder_attention_adapters_install_everywhere(pair):
   # 2 blocks × 3 attentions + the final token→image attention, each q and v.
   assert len(layers) == (2 * 3 + 1) * 2
   assert all(p.startswith("mask_decoder.") for p in layers)
+
+
+def test_bfloat16_load_tracks_float32_hf(pair):
+  """dtype= casts every parameter; the bf16 model still tracks the float32 reference."""
+  hf, _, folder = pair
+  model = sam.from_pretrained(folder, dtype=jnp.bfloat16)
+  kinds = {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))}
+  assert kinds == {jnp.dtype(jnp.bfloat16)}
+  x, points, labels, boxes, _ = inputs()
+  with torch.no_grad():
+    want = hf(pixel_values=x, input_points=points, input_labels=labels, input_boxes=boxes)
+  got = model(nhwc(x).astype(jnp.bfloat16), points=j(points), labels=j(labels), boxes=j(boxes))
+  assert got.pred_masks.dtype == jnp.bfloat16
+  a = np.asarray(got.pred_masks, np.float32).ravel()
+  b = want.pred_masks.numpy().ravel()
+  assert np.all(np.isfinite(a)) and np.corrcoef(a, b)[0, 1] > 0.98
