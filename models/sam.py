@@ -101,7 +101,9 @@ class SamConfig:
         raise ValueError(f"{sec}.hidden_act={cfg['hidden_act']!r} is not supported ({act!r} only)")
     vdef = SamVisionConfig()
     fields = {f.name: getattr(vdef, f.name) for f in dataclasses.fields(SamVisionConfig)}
-    v = _take(vis, "vision_config", fields, derived=("scale",))
+    # intermediate_size / projection_dim sit in older SAM configs; HF's SAM never reads them.
+    v = _take(vis, "vision_config", fields,
+              derived=("scale", "intermediate_size", "projection_dim"))
     v["image_size"] = _square(v["image_size"], "vision_config.image_size")
     v["patch_size"] = _square(v["patch_size"], "vision_config.patch_size")
     if vis.get("mlp_dim") is None:

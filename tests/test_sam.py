@@ -168,6 +168,11 @@ def test_config_from_hf_round_trips_and_refuses(tmp_path):
   assert config.vision.window_size == 4 and config.vision.global_attn_indexes == (1,)
   assert config.mask_decoder.hidden_size == 16 and config.prompt_encoder.image_embedding_size == 8
 
+  old_style = json.loads(json.dumps(hf_dict))   # transformers-4 era extras HF never reads
+  old_style["vision_config"].update(intermediate_size=128, projection_dim=8, dropout=0.0,
+                                    bad_words_ids=None, _name_or_path="")
+  assert sam.SamConfig.from_hf(old_style) == config
+
   bad = json.loads(json.dumps(hf_dict))
   bad["vision_config"]["hidden_act"] = "relu"
   with pytest.raises(ValueError, match="hidden_act"):
