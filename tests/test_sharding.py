@@ -532,6 +532,7 @@ def test_sharded_solve_equals_single_device_float32(shared, constraint, lam):
   assert np.all(np.asarray(out.status) == sparse_simplex.CONVERGED)
 
 
+@pytest.mark.slow
 def test_sharded_solve_equals_whole_batch_solve():
   """Against the single-device solve of the whole batch. Grouping the batch differently
   changes the solver's batch-wide polish/stop decisions, so in float32 the two agree to
