@@ -17,6 +17,7 @@ upper reference), with the weights each strategy gave.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -36,11 +37,21 @@ ADAPTER_EPOCHS = 6
 SEED = 0
 
 
+def _recipe_key() -> str:
+  """A short hash of everything that shapes the cached models, so a change rebuilds them."""
+  from rpe_jax import data
+  from rpe_jax.train import FOUNDATION_SITES, foundation_config
+  recipe = repr((foundation_config(), FOUNDATION_SITES, sorted(data.SITES.items()),
+                 ADAPTER_EPOCHS, SEED))
+  return hashlib.sha256(recipe.encode()).hexdigest()[:10]
+
+
 def cache_dir() -> Path:
-  """``$RPE_JAX_CACHE``, else ``$XDG_CACHE_HOME/rpe_jax``, else ``~/.cache/rpe_jax``."""
+  """``$RPE_JAX_CACHE``, else ``$XDG_CACHE_HOME/rpe_jax``, else ``~/.cache/rpe_jax``; one
+  sub-folder per recipe."""
   root = os.environ.get("RPE_JAX_CACHE") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rpe_jax")
-  return Path(root) / CACHE_VERSION
+  return Path(root) / f"{CACHE_VERSION}-{_recipe_key()}"
 
 
 def _site_uri(site: str) -> str:
