@@ -1,0 +1,472 @@
+"""Leave-one-out adapter composition: the seeds' main experiment (RPE Tables 3/5/6, Fig. 3).
+
+    .venv/bin/python benchmarks/leave_one_out.py                 # the 8 built-in digit sites
+    .venv/bin/python benchmarks/leave_one_out.py --quick         # 3 held-out sites, one λ2
+    .venv/bin/python benchmarks/leave_one_out.py \\
+        --data medmnist:organamnist --data medmnist:organcmnist --data medmnist:organsmnist \\
+        --data-root ~/medmnist                                   # real data: one URI per site
+    .venv/bin/python benchmarks/leave_one_out.py --task report   # the Llama report task hook
+    .venv/bin/python benchmarks/leave_one_out.py --task segmentation   # the SAM hook
+
+One LoRA per site is trained on the frozen foundation and stored in an adapter library with
+the site's task prototype (mean CLS feature of its train images). Then, for each site held
+out, without any of its labels: the target prototype is the mean feature of its (unlabeled)
+test images, the other sites' adapters are retrieved (k = all others), weighted by each
+strategy and composed exactly (``rpe_jax.pipeline.compose_targets``), and the composed model
+is evaluated on the held-out test set. Rows:
+
+* ``pretrained`` (δθ = 0) and ``SFT`` (the held-out site's own adapter: the upper reference);
+* ``nearest``, ``avg``, ``sim`` (λ1), ``lin``, ``simplex`` and ``sparse`` for each λ2;
+* ablations (seeds' Table 6): ``k=1`` (nearest adapter only; every strategy gives it weight
+  1) and ``+own: <strategy>`` (the pool includes the held-out site's own SFT adapter).
+
+Also the single-adapter transfer matrix (site j's adapter on site i's test set) and, per
+held-out site, the rank of each other adapter by prototype distance against its rank by
+transfer accuracy, with Spearman's ρ (the seeds' Figure 3).
+
+With the default data and training options the demo's cached foundation and library
+(``rpe_jax.demo``) are reused; other configurations build their library once under
+``benchmarks/results/loo_cache/<hash>/``. When the sites' label set differs from the base
+model's (e.g. MedMNIST on the demo ViT), a head is first fitted on ``--head-site``'s train
+split (with a LoRA merged into the kernels), which then becomes the frozen base; that site's
+held-out numbers are marked as biased.
+
+Writes benchmarks/results/leave_one_out[_quick].{json,md} and *_accuracy.png, *_rank.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "benchmarks"):
+  if str(_p) not in sys.path:
+    sys.path.insert(0, str(_p))
+
+import numpy as np  # noqa: E402
+
+DEFAULT_DATA = "sites:digits"
+HOOKS = {"report": "report_task", "segmentation": "segmentation_task"}
+ENCODER_POOLING = "cls"
+
+
+# --- arguments ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See the module doc.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("\n\n", 1)[1])
+  p.add_argument("--task", default="classification",
+                 choices=("classification",) + tuple(HOOKS),
+                 help="classification (here), or dispatch to benchmarks/<task>_task.py; the "
+                      "remaining options then go to that script")
+  p.add_argument("--data", action="append", metavar="URI",
+                 help="one site per URI (repeat), or a family URI (default sites:digits); "
+                      "all sites must share one label set")
+  p.add_argument("--data-root", default=None, help="folder with the dataset files (medmnist npz)")
+  p.add_argument("--model", default="demo",
+                 help="'demo' (the demo's foundation ViT) or an HF ViT classification folder")
+  p.add_argument("--head-site", default=None,
+                 help="site whose train split fits a new head when the label set differs "
+                      "from the model's (default: the first site)")
+  p.add_argument("--rank", type=int, default=4)
+  p.add_argument("--targets", default="query,value",
+                 help="comma-separated adapted modules (default query,value, as the demo)")
+  p.add_argument("--epochs", type=int, default=6)
+  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--lam1", type=float, default=1.0, help="temperature of 'sim'")
+  p.add_argument("--lam2", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0],
+                 help="ℓ1 weights of 'sparse' to run (seeds' default: 10 for vision)")
+  p.add_argument("--held-out", nargs="+", default=None, help="only these sites (names)")
+  p.add_argument("--quick", action="store_true",
+                 help="3 held-out sites and λ2 in {0.1, 10} only (the library is still "
+                      "built in full)")
+  p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+  return p
+
+
+def site_name(uri: str) -> str:
+  """A library name for a site URI: the built-in member, else the dataset part."""
+  scheme, _, rest = uri.partition(":")
+  if scheme in ("sites", "tasks"):
+    rest = rest.split("/", 1)[-1]
+  elif scheme == "folder":
+    rest = Path(rest).name
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", rest).strip("_") or "site"
+
+
+def site_uris(data: list[str] | None) -> list[str]:
+  from rpe_jax import data as data_lib
+  uris = [m for uri in (data or [DEFAULT_DATA]) for m in data_lib.members(uri)]
+  if len(uris) < 3:
+    raise SystemExit(f"--data: leave-one-out needs at least 3 sites (one URI per site, or a "
+                     f"family URI); got {uris}")
+  names = [site_name(u) for u in uris]
+  if len(set(names)) != len(names):
+    raise SystemExit(f"--data: sites must have distinct names, got {names}")
+  return uris
+
+
+# --- the base model and the library ---------------------------------------------------------
+
+def _uses_demo_cache(args, uris) -> bool:
+  from rpe_jax import data as data_lib
+  from rpe_jax import demo
+  return (args.model == "demo" and uris == data_lib.members(DEFAULT_DATA)
+          and _targets(args) == ("query", "value")
+          and (args.rank, args.epochs, args.lr, args.seed) == (4, demo.ADAPTER_EPOCHS, 3e-3,
+                                                               demo.SEED))
+
+
+def _targets(args) -> tuple[str, ...]:
+  return tuple(t.strip() for t in args.targets.split(",") if t.strip())
+
+
+def _cache_folder(args, uris) -> Path:
+  key = json.dumps({"uris": uris, "model": str(args.model), "rank": args.rank,
+                    "targets": _targets(args),
+                    "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+                    "head_site": args.head_site, "v": 1}, sort_keys=True)
+  return args.out / "loo_cache" / hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _with_head(model, splits, seed, epochs, rank, targets):
+  """The base with a head for the sites' labels: head + LoRA trained on one site, the LoRA
+  merged into the kernels, so that the result is again a plain frozen base."""
+  from rpe_jax.compose import merge_into, with_adapter
+  from rpe_jax.train import TrainConfig, train_adapter
+  result = train_adapter(model, splits.train, splits.val,
+                         TrainConfig(rank=rank, epochs=epochs, seed=seed, targets=targets,
+                                     train_head=True),
+                         progress=True)
+  return with_adapter(merge_into(result.model, result.adapter), {})
+
+
+def base_and_library(args, uris, splits):
+  """(model, library, head_site or None); builds (once) what the configuration needs."""
+  from models import hf
+  from rpe_jax import demo, prototypes
+  from rpe_jax.library import Library
+  from rpe_jax.pipeline import load_model
+  from rpe_jax.train import TrainConfig, train_adapter
+  if _uses_demo_cache(args, uris):
+    model = demo.foundation()
+    return model, demo.library(model), None
+  folder = _cache_folder(args, uris)
+  head_site = None
+  if (folder / "library" / "catalog.sqlite").exists():
+    meta = json.loads((folder / "base.json").read_text())
+    return (hf.load(folder / "base"), Library.open(folder / "library", readonly=True),
+            meta["head_site"])
+  # A run stopped half-way leaves a partial folder: start it again from nothing.
+  shutil.rmtree(folder, ignore_errors=True)
+  folder.mkdir(parents=True)
+  model = load_model(args.model)
+  first = splits[uris[0]].train
+  if getattr(model.config, "num_labels", None) != first.num_classes:
+    head_site = args.head_site or site_name(uris[0])
+    by_name = {site_name(u): u for u in uris}
+    if head_site not in by_name:
+      raise SystemExit(f"--head-site {head_site!r} is not one of the sites {list(by_name)}")
+    model = _with_head(model, splits[by_name[head_site]], args.seed, args.epochs, args.rank,
+                       _targets(args))
+  hf.save(model, folder / "base")
+  (folder / "base.json").write_text(json.dumps({"head_site": head_site}))
+  lib = Library.create(folder / "library")
+  # One shared head: the site adapters are LoRA only, so that they compose.
+  config = TrainConfig(rank=args.rank, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                       targets=_targets(args), train_head=False)
+  for uri in uris:
+    result = train_adapter(model, splits[uri].train, splits[uri].val, config, progress=True)
+    proto = prototypes.prototype(model, splits[uri].train, ENCODER_POOLING)
+    lib.add(site_name(uri), result.adapter, proto.z, base_model=f"loo-{folder.name}",
+            encoder=f"loo-{folder.name}/cls", n_samples=proto.n, pooling=ENCODER_POOLING,
+            metadata={"data": uri, "val_accuracy": result.best_val_accuracy})
+  lib.close()
+  return model, Library.open(folder / "library", readonly=True), head_site
+
+
+# --- the experiment -------------------------------------------------------------------------
+
+def strategies(args) -> list[tuple[str, str, float]]:
+  """(row label, strategy, λ2) of the composed rows."""
+  rows = [("nearest", "nearest", 0.0), ("avg", "avg", 0.0), (f"sim (λ1={args.lam1:g})", "sim",
+          0.0), ("lin", "lin", 0.0), ("simplex", "simplex", 0.0)]
+  return rows + [(f"sparse (λ2={lam:g})", "sparse", lam) for lam in args.lam2]
+
+
+def accuracy_with(model, adapter, test) -> float:
+  """Test accuracy of ``model`` + ``adapter``, the adapter merged into the kernels: the
+  same function as running it unmerged, but every adapter gives the same graph, so one
+  compiled evaluation serves all ranks (a composition's rank varies with its weights)."""
+  from rpe_jax.compose import merge_into
+  from rpe_jax.train import evaluate
+  return evaluate(merge_into(model, adapter) if adapter else model, test)
+
+
+def _compose_eval(model, lib, z, test, strategy, k, lam1, lam2, exclude):
+  from rpe_jax.pipeline import compose_targets
+  found, w, composed, kept = compose_targets(lib, z[None], k=k, strategy=strategy, lam1=lam1,
+                                             lam2=lam2, exclude=exclude)
+  names = [str(n) for n in found.names[0]]
+  weights = dict(zip(names, np.asarray(w.weights[0], float).round(4).tolist()))
+  return accuracy_with(model, composed[0], test), weights, float(w.error[0])
+
+
+def _ranks(values, descending=False) -> np.ndarray:
+  from scipy.stats import rankdata
+  v = -np.asarray(values, float) if descending else np.asarray(values, float)
+  return rankdata(v, method="average")
+
+
+def run_classification(args) -> dict:
+  from scipy.stats import spearmanr
+
+  from rpe_jax import data as data_lib
+  from rpe_jax import prototypes
+  from rpe_jax.train import evaluate
+  t0 = time.perf_counter()
+  uris = site_uris(args.data)
+  names = [site_name(u) for u in uris]
+  splits = {u: data_lib.load_splits(u, data_root=args.data_root, seed=args.seed) for u in uris}
+  model, lib, head_site = base_and_library(args, uris, splits)
+  build_s = time.perf_counter() - t0
+  held = args.held_out or (names[-3:] if args.quick else names)
+  unknown = sorted(set(held) - set(names))
+  if unknown:
+    raise SystemExit(f"--held-out: unknown sites {unknown}; sites: {names}")
+  if args.quick:
+    args.lam2 = [0.1, 10.0]
+  adapters = {n: lib.load(n) for n in names}
+  tests = {n: splits[u].test for n, u in zip(names, uris)}
+  # Target prototypes from the unlabeled held-out test images, as the demo does.
+  z = {n: prototypes.prototype(model, tests[n], ENCODER_POOLING).z for n in names}
+  lib_z = dict(zip(lib.prototypes().names, lib.prototypes().matrix))
+
+  # Single-adapter transfer: site j's adapter on site i's test set (diagonal = SFT).
+  transfer = {i: {j: accuracy_with(model, adapters[j], tests[i]) for j in names}
+              for i in held}
+  sqdist = {i: {j: float(np.sum((z[i] - lib_z[j]) ** 2)) for j in names} for i in held}
+  acc: dict[str, dict[str, float]] = {}
+  weights: dict[str, dict[str, dict]] = {}
+  errors: dict[str, dict[str, float]] = {}
+
+  def put(row, site, value, w=None, err=None):
+    acc.setdefault(row, {})[site] = value
+    if w is not None:
+      weights.setdefault(row, {})[site] = w
+      errors.setdefault(row, {})[site] = err
+
+  k = len(names) - 1
+  for i in held:
+    put("pretrained", i, evaluate(model, tests[i]))
+    put("SFT (own adapter)", i, transfer[i][i])
+    for label, strategy, lam2 in strategies(args):
+      put(label, i, *_compose_eval(model, lib, z[i], tests[i], strategy, k, args.lam1, lam2,
+                                   [i]))
+    # Ablations (seeds' Table 6).
+    put("ablation k=1 (nearest only)", i,
+        *_compose_eval(model, lib, z[i], tests[i], "avg", 1, args.lam1, 0.0, [i]))
+    for label, strategy, lam2 in strategies(args)[1:]:
+      put(f"ablation +own: {label}", i,
+          *_compose_eval(model, lib, z[i], tests[i], strategy, k + 1, args.lam1, lam2, []))
+    print(f"held out {i}: " + ", ".join(f"{r} {acc[r][i]:.3f}" for r in acc
+                                        if not r.startswith("ablation")), flush=True)
+
+  # Prototype-distance rank vs single-adapter transfer rank (seeds' Figure 3).
+  rank_pairs, rho = {}, {}
+  for i in held:
+    others = [j for j in names if j != i]
+    dr = _ranks([sqdist[i][j] for j in others])
+    tr = _ranks([transfer[i][j] for j in others], descending=True)
+    rank_pairs[i] = {"others": others, "distance_rank": dr.tolist(),
+                     "transfer_rank": tr.tolist()}
+    r = spearmanr(dr, tr).statistic
+    rho[i] = None if not np.isfinite(r) else float(r)
+  all_d = np.concatenate([rank_pairs[i]["distance_rank"] for i in held])
+  all_t = np.concatenate([rank_pairs[i]["transfer_rank"] for i in held])
+  pooled = float(spearmanr(all_d, all_t).statistic)
+  pooled = pooled if np.isfinite(pooled) else None
+  return {"sites": names, "uris": uris, "held_out": held, "k": k, "lam1": args.lam1,
+          "lam2": args.lam2, "head_site": head_site, "accuracy": acc, "weights": weights,
+          "reconstruction_error": errors,
+          "transfer": transfer, "sqdist": sqdist, "rank_pairs": rank_pairs,
+          "spearman": {"per_site": rho, "pooled": pooled},
+          "n_test": {i: len(tests[i]) for i in held},
+          "library_build_or_load_s": round(build_s, 1),
+          "total_s": round(time.perf_counter() - t0, 1)}
+
+
+# --- tables and figures ---------------------------------------------------------------------
+
+def accuracy_table(report) -> str:
+  held = report["held_out"]
+  mark = lambda s: f"{s}*" if s == report["head_site"] else s
+  lines = ["| method | " + " | ".join(mark(s) for s in held) + " | mean |",
+           "|---|" + "---:|" * (len(held) + 1)]
+  for row, per in report["accuracy"].items():
+    vals = [per[s] for s in held]
+    lines.append(f"| {row} | " + " | ".join(f"{v:.3f}" for v in vals)
+                 + f" | **{np.mean(vals):.3f}** |")
+  return "\n".join(lines)
+
+
+def weights_table(report, rows=("sim", "lin", "simplex", "sparse (λ2=0.1)",
+                                "sparse (λ2=10)")) -> str:
+  """Per held-out site: squared prototype distance and the weights of a few strategies."""
+  out = []
+  labels = [r for r in report["weights"] if not r.startswith("ablation")
+            and any(r.startswith(p) for p in rows)]
+  for i in report["held_out"]:
+    others = [j for j in report["sites"] if j != i]
+    out.append(f"held out **{i}**\n")
+    out.append("| adapter | distance² | transfer acc | " + " | ".join(labels) + " |")
+    out.append("|---|---:|---:|" + "---:|" * len(labels))
+    for j in sorted(others, key=lambda j: report["sqdist"][i][j]):
+      cells = [f"{report['weights'][r][i].get(j, 0.0):+.3f}" for r in labels]
+      out.append(f"| {j} | {report['sqdist'][i][j]:.3g} | {report['transfer'][i][j]:.3f} | "
+                 + " | ".join(cells) + " |")
+    out.append("")
+  return "\n".join(out)
+
+
+def transfer_table(report) -> str:
+  sites = report["sites"]
+  lines = ["| held out \\ adapter | " + " | ".join(sites) + " |",
+           "|---|" + "---:|" * len(sites)]
+  for i in report["held_out"]:
+    lines.append(f"| {i} | " + " | ".join(f"{report['transfer'][i][j]:.3f}" for j in sites)
+                 + " |")
+  sp = report["spearman"]
+  per = ", ".join(f"{s} {v:+.2f}" if v is not None else f"{s} n/a"
+                  for s, v in sp["per_site"].items())
+  pooled = "n/a" if sp["pooled"] is None else f"{sp['pooled']:+.3f}"
+  lines += ["", f"Spearman ρ (distance rank vs transfer rank): pooled {pooled}; "
+            f"per site: {per}."]
+  return "\n".join(lines)
+
+
+def weight_summary_table(report) -> str:
+  """Per strategy, means over held-out sites: ‖z − Σ w_i z_i‖², ‖w‖₁, adapters with w ≠ 0."""
+  held = report["held_out"]
+  lines = ["| strategy | reconstruction error ‖z − Σ w_i z_i‖² | ‖w‖₁ | non-zero weights | "
+           "negative weights |", "|---|---:|---:|---:|---:|"]
+  for row, per in report["weights"].items():
+    if row.startswith("ablation"):
+      continue
+    ws = [np.asarray(list(per[s].values())) for s in held]
+    err = np.mean([report["reconstruction_error"][row][s] for s in held])
+    lines.append(f"| {row} | {err:.3g} | {np.mean([np.abs(w).sum() for w in ws]):.2f} | "
+                 f"{np.mean([np.count_nonzero(w) for w in ws]):.1f} | "
+                 f"{np.mean([np.sum(w < 0) for w in ws]):.1f} |")
+  d = [v for i in held for j, v in report["sqdist"][i].items() if j != i]
+  lines += ["", f"Squared prototype distances to the other sites: median {np.median(d):.3g}, "
+            f"range {min(d):.3g}–{max(d):.3g}."]
+  return "\n".join(lines)
+
+
+def plot_accuracy(report, path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  held = report["held_out"]
+  rows = [r for r in report["accuracy"] if not r.startswith("ablation")]
+  fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(held) + 2), 4))
+  width = 0.85 / len(rows)
+  x = np.arange(len(held) + 1)
+  cmap = plt.get_cmap("tab20")
+  for n, row in enumerate(rows):
+    vals = [report["accuracy"][row][s] for s in held]
+    ax.bar(x + n * width, vals + [np.mean(vals)], width, label=row, color=cmap(n % 20))
+  ax.set_xticks(x + 0.425 - width / 2, held + ["mean"])
+  ax.set_ylabel("held-out test accuracy")
+  ax.set_ylim(0, 1.05)
+  ax.set_title(f"Leave-one-out composition (k = {report['k']}, no target labels)")
+  ax.legend(fontsize=7, ncol=5, loc="lower center", bbox_to_anchor=(0.5, -0.42))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def plot_ranks(report, path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rng = np.random.default_rng(0)
+  fig, ax = plt.subplots(figsize=(5.2, 4.6))
+  cmap = plt.get_cmap("tab10")
+  for n, i in enumerate(report["held_out"]):
+    p = report["rank_pairs"][i]
+    d = np.asarray(p["distance_rank"]) + rng.uniform(-0.12, 0.12, len(p["distance_rank"]))
+    t = np.asarray(p["transfer_rank"]) + rng.uniform(-0.12, 0.12, len(p["transfer_rank"]))
+    ax.scatter(d, t, s=22, color=cmap(n % 10), label=i, alpha=0.85)
+  m = len(report["sites"]) - 1
+  ax.plot([1, m], [1, m], "k--", lw=0.8)
+  ax.set_xlabel("rank by prototype distance (1 = nearest)")
+  ax.set_ylabel("rank by single-adapter transfer accuracy (1 = best)")
+  pooled = report["spearman"]["pooled"]
+  ax.set_title("Spearman ρ = " + ("n/a" if pooled is None else f"{pooled:+.2f}") + " (pooled)")
+  ax.legend(fontsize=7, title="held out", title_fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+def _dispatch(task: str, argv: list[str]):
+  """Hand the remaining arguments to the task's own script (imported only now)."""
+  try:
+    module = importlib.import_module(HOOKS[task])
+  except ImportError as e:
+    raise SystemExit(f"--task {task}: benchmarks/{HOOKS[task]}.py is not importable ({e})")
+  if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
+    raise SystemExit(f"--task {task}: benchmarks/{HOOKS[task]}.py has no add_arguments/run")
+  parser = argparse.ArgumentParser(prog=f"leave_one_out.py --task {task}",
+                                   description=(module.__doc__ or "").split("\n\n")[0])
+  module.add_arguments(parser)
+  return module.run(parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None):
+  argv = list(sys.argv[1:] if argv is None else argv)
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--task", default="classification")
+  known, rest = pre.parse_known_args(argv)
+  if known.task in HOOKS:
+    return _dispatch(known.task, rest)
+  args = build_parser().parse_args(argv)
+  report = run_classification(args)
+  stem = args.out / ("leave_one_out_quick" if args.quick else "leave_one_out")
+  args.out.mkdir(parents=True, exist_ok=True)
+  head = (f"\nNote: the head was fitted on {report['head_site']!r} (marked *): its column is "
+          "biased.\n" if report["head_site"] else "")
+  text = "\n\n".join([
+      f"Sites: {', '.join(report['sites'])}; k = {report['k']}; λ1 = {report['lam1']}; "
+      f"library built/loaded in {report['library_build_or_load_s']} s, total "
+      f"{report['total_s']} s." + head,
+      "### Held-out test accuracy\n\n" + accuracy_table(report),
+      "### Single-adapter transfer (rows: held-out test set; columns: adapter)\n\n"
+      + transfer_table(report),
+      "### Weights: summary (means over held-out sites)\n\n" + weight_summary_table(report),
+      "### Weights per held-out site\n\n" + weights_table(report)])
+  print(text)
+  stem.with_suffix(".md").write_text(text + "\n")
+  stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+  plot_accuracy(report, f"{stem}_accuracy.png")
+  plot_ranks(report, f"{stem}_rank.png")
+  print(f"\nwrote {stem}.json, .md, _accuracy.png, _rank.png")
+  return report
+
+
+if __name__ == "__main__":
+  main()
