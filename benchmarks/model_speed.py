@@ -146,8 +146,8 @@ def vit_cases(args) -> list[Row]:
   opt = optax.adamw(1e-4)
   opt_state = opt.init(lora_state)
 
-  @jax.jit
-  def step(lora_state, opt_state, px, labels):
+  @jax.jit   # the frozen weights are an argument, not closed-over constants
+  def step(lora_state, opt_state, rest, px, labels):
     def loss_fn(ls):
       logits = nnx.merge(graphdef, ls, rest)(px).logits
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -158,7 +158,7 @@ def vit_cases(args) -> list[Row]:
   train_state = [lora_state, opt_state]
 
   def ours_train():
-    train_state[0], train_state[1], loss = step(train_state[0], train_state[1], x, y)
+    train_state[0], train_state[1], loss = step(train_state[0], train_state[1], rest, x, y)
     return _ready(loss)
 
   snapshot = {n: t.detach().clone() for n, t in theirs.named_parameters() if t.requires_grad}
