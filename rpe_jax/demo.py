@@ -59,12 +59,18 @@ def _site_uri(site: str) -> str:
 
 
 def _build_atomically(final: Path, build) -> Path:
-  """Run ``build(tmp_folder)`` and rename the folder into place only when it succeeded."""
+  """Run ``build(tmp_folder)`` and rename the folder into place only when it succeeded, so
+  an interrupted build never leaves a half-built cache."""
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
   try:
     build(tmp)
-    os.replace(tmp, final)
+    try:
+      os.replace(tmp, final)
+    except OSError:
+      # Another process finished the same build first: keep its (equivalent) result.
+      if not final.is_dir():
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return final
