@@ -431,6 +431,44 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> RougeL:
   return RougeL(float(f.mean()), f)
 
 
+class BertScore(NamedTuple):
+  precision: float          # means over examples
+  recall: float
+  f1: float
+  per_example_f1: np.ndarray
+
+
+def bert_score(predictions: Sequence[str], references: Sequence[str], model_dir: str, *,
+               num_layers: int | None = None, idf: bool = False,
+               batch_size: int = 32) -> BertScore:
+  """BERTScore (Zhang et al., 2020) with a scoring model available locally, via the
+  ``bert-score`` package (``pip install -e ".[text]"``).
+
+  ``model_dir``: an HF folder with a BERT-like encoder and its tokenizer (nothing is
+  downloaded). ``num_layers``: the hidden layer whose token embeddings are matched (default:
+  the model's last). Greedy cosine matching of token embeddings, [CLS]/[SEP] excluded;
+  no baseline rescaling (its tables exist only for hub models).
+  """
+  import json
+  import os
+  if len(predictions) != len(references):
+    raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+  if not references:
+    raise ValueError("no references to score")
+  config_path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise ValueError(f"BERTScore model folder {model_dir!r} has no config.json (the scoring "
+                     "model must be available locally)")
+  if num_layers is None:
+    with open(config_path) as f:
+      num_layers = int(json.load(f)["num_hidden_layers"])
+  import bert_score as bs
+  p, r, f = bs.score(list(predictions), list(references), model_type=model_dir,
+                     num_layers=num_layers, idf=idf, batch_size=batch_size, device="cpu",
+                     verbose=False)
+  return BertScore(float(p.mean()), float(r.mean()), float(f.mean()), f.numpy())
+
+
 # --- Synthetic report modalities ------------------------------------------------------
 
 # Each modality: (exam, sites, abnormalities, filler sentences). Impressions share one

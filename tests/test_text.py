@@ -250,3 +250,52 @@ def test_leave_one_out_composition_beats_the_base(codec):
   for strategy in ("avg", "lin", "sparse"):
     assert scores[strategy] > scores["base"] + 0.15, scores
   assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def _tiny_bert(folder):
+  """A seeded random BERT and a word-level vocabulary saved locally (no download)."""
+  words = ("the heart size is normal no pleural effusion nodule in right upper lobe mass "
+           "lesion left lower stable").split()
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words)) + ["."]
+  (folder / "vocab.txt").write_text("\n".join(vocab))
+  transformers.BertTokenizer(str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64)
+  transformers.BertModel(config).save_pretrained(folder)
+
+
+def _bertscore_oracle(folder, candidate, reference, layer):
+  """Greedy cosine matching of layer-``layer`` token embeddings. As in the reference
+  implementation, [CLS]/[SEP] carry no weight in the averages but stay match candidates."""
+  tok = transformers.BertTokenizer.from_pretrained(folder)
+  model = transformers.BertModel.from_pretrained(folder).eval()
+
+  def embed(text):
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+      hidden = model(**ids, output_hidden_states=True).hidden_states[layer][0]
+    return torch.nn.functional.normalize(hidden.double(), dim=-1)
+
+  sim = embed(candidate) @ embed(reference).T          # [cand tokens, ref tokens]
+  p = sim.max(dim=1).values[1:-1].mean().item()
+  r = sim.max(dim=0).values[1:-1].mean().item()
+  return p, r, 2 * p * r / (p + r)
+
+
+def test_bert_score_with_a_local_model_matches_greedy_matching(tmp_path):
+  _tiny_bert(tmp_path)
+  preds = ["no pleural effusion .", "mass in the right upper lobe"]
+  refs = ["no effusion .", "nodule in the left lower lobe"]
+  score = text.bert_score(preds, refs, str(tmp_path), num_layers=2)
+  expected = [_bertscore_oracle(str(tmp_path), c, r, 2) for c, r in zip(preds, refs)]
+  np.testing.assert_allclose(score.per_example_f1, [e[2] for e in expected], atol=1e-5)
+  assert score.precision == pytest.approx(np.mean([e[0] for e in expected]), abs=1e-5)
+  assert score.recall == pytest.approx(np.mean([e[1] for e in expected]), abs=1e-5)
+  identical = text.bert_score(refs, refs, str(tmp_path))
+  np.testing.assert_allclose(identical.per_example_f1, 1.0, atol=1e-5)
+
+
+def test_bert_score_refuses_a_missing_model(tmp_path):
+  with pytest.raises(ValueError, match="available locally"):
+    text.bert_score(["a"], ["a"], str(tmp_path / "none"))
