@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--lam1", type=float, default=1.0, help="sim temperature")
   p.add_argument("--lam2", type=float, default=1.0, help="sparse l1 weight (language: 1)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--bertscore-model", default=None, metavar="DIR",
+                 help="a local HF BERT-like folder: also report BERTScore F1 with it")
   p.add_argument("--quick", action="store_true", help="48 train / 16 test reports, 60 steps")
   p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 
@@ -93,12 +95,17 @@ def run(args) -> dict:
 
   strategies, weights_fn = _weights_fn()
   scores: dict[str, dict[str, float]] = {}
+  bertscores: dict[str, dict[str, float]] = {}
   weights: dict[str, dict[str, list]] = {}
 
   def score(row, held, model):
     pred = text.generate_impressions(model, codec, [r.findings for r in test[held]],
                                      max_new_tokens=args.max_new_tokens)
-    scores.setdefault(row, {})[held] = text.rouge_l(pred, [r.impression for r in test[held]]).f1
+    truth = [r.impression for r in test[held]]
+    scores.setdefault(row, {})[held] = text.rouge_l(pred, truth).f1
+    if args.bertscore_model:
+      bertscores.setdefault(row, {})[held] = text.bert_score(pred, truth,
+                                                             args.bertscore_model).f1
 
   for held in mods:
     lib = [m for m in mods if m != held]
@@ -122,6 +129,11 @@ def run(args) -> dict:
   table = "\n".join(lines)
   print("\nROUGE-L F1 on the held-out modality (rows: composition strategy)\n")
   print(table)
+  if bertscores:
+    print("\nBERTScore F1 on the held-out modality\n")
+    for row, per in bertscores.items():
+      print(f"| {row} | " + " | ".join(f"{per[m]:.3f}" for m in mods)
+            + f" | {np.mean([per[m] for m in mods]):.3f} |")
   print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
   args.out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +141,8 @@ def run(args) -> dict:
   meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
           if k != "func"}
   stem.with_suffix(".json").write_text(json.dumps(
-      {"args": meta, "rouge_l": scores, "weights": weights, "table": table}, indent=2))
+      {"args": meta, "rouge_l": scores, "bertscore_f1": bertscores, "weights": weights,
+       "table": table}, indent=2))
   _plot(scores, mods, stem.with_suffix(".png"))
   print(f"wrote {stem}.json and .png")
   return scores
