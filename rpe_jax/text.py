@@ -462,11 +462,19 @@ def bert_score(predictions: Sequence[str], references: Sequence[str], model_dir:
   if num_layers is None:
     with open(config_path) as f:
       num_layers = int(json.load(f)["num_hidden_layers"])
+  if any(not r.strip() for r in references):
+    raise ValueError("a reference is empty: BERTScore needs a non-empty reference text")
   import bert_score as bs
-  p, r, f = bs.score(list(predictions), list(references), model_type=model_dir,
-                     num_layers=num_layers, idf=idf, batch_size=batch_size, device="cpu",
-                     verbose=False)
-  return BertScore(float(p.mean()), float(r.mean()), float(f.mean()), f.numpy())
+  # An empty prediction matches nothing: it scores 0 (bert-score itself cannot encode it).
+  keep = [i for i, p in enumerate(predictions) if p.strip()]
+  p, r, f = (np.zeros(len(references)) for _ in range(3))
+  if keep:
+    scores = bs.score([predictions[i] for i in keep], [references[i] for i in keep],
+                      model_type=model_dir, num_layers=num_layers, idf=idf,
+                      batch_size=batch_size, device="cpu", verbose=False)
+    for out, values in zip((p, r, f), scores):
+      out[keep] = values.numpy()
+  return BertScore(float(p.mean()), float(r.mean()), float(f.mean()), f)
 
 
 # --- Synthetic report modalities ------------------------------------------------------

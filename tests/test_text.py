@@ -294,6 +294,8 @@ def test_bert_score_with_a_local_model_matches_greedy_matching(tmp_path):
   assert score.recall == pytest.approx(np.mean([e[1] for e in expected]), abs=1e-5)
   identical = text.bert_score(refs, refs, str(tmp_path))
   np.testing.assert_allclose(identical.per_example_f1, 1.0, atol=1e-5)
+  with_empty = text.bert_score(["", preds[1]], refs, str(tmp_path), num_layers=2)
+  np.testing.assert_allclose(with_empty.per_example_f1, [0.0, expected[1][2]], atol=1e-5)
 
 
 def test_bert_score_refuses_a_missing_model(tmp_path):
