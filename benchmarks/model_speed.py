@@ -195,25 +195,34 @@ MODELS = {"vit": vit_cases}
 
 # --- Report ---------------------------------------------------------------------------------
 
-def table(rows: list[Row]) -> str:
+def _ratio(r) -> float | None:
+  # Rows from other scripts (benchmarks/llama_speed.py) may lack the paired ratio.
+  paired = getattr(r, "ratio", None)
+  return paired if paired is not None else (r.ours_s / r.torch_s if r.torch_s else None)
+
+
+def table(rows) -> str:
   lines = ["| case | ours ms | torch ms | ours items/s | torch items/s | ours/torch time "
            "| max abs diff |", "|---|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     diff = "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
-    lines.append(f"| {r.case} | {r.ours_s * 1e3:.1f} | {r.torch_s * 1e3:.1f} "
-                 f"| {r.items / r.ours_s:.1f} | {r.items / r.torch_s:.1f} | {r.ratio:.2f} "
-                 f"| {diff} |")
+    torch_ms = "-" if not r.torch_s else f"{r.torch_s * 1e3:.1f}"
+    torch_rate = "-" if not r.torch_s else f"{r.items / r.torch_s:.1f}"
+    ratio = "-" if _ratio(r) is None else f"{_ratio(r):.2f}"
+    lines.append(f"| {r.case} | {r.ours_s * 1e3:.1f} | {torch_ms} | {r.items / r.ours_s:.1f} "
+                 f"| {torch_rate} | {ratio} | {diff} |")
   return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path, title: str) -> None:
+def plot(rows, path: Path, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 3.5))
   idx = np.arange(len(rows))
   ax.barh(idx - 0.2, [r.items / r.ours_s for r in rows], 0.4, label="ours (JAX, jit)")
-  ax.barh(idx + 0.2, [r.items / r.torch_s for r in rows], 0.4, label="HF PyTorch")
+  ax.barh(idx + 0.2, [r.items / r.torch_s if r.torch_s else 0 for r in rows], 0.4,
+          label="HF PyTorch")
   ax.set_yticks(idx, [r.case for r in rows])
   ax.set_xlabel("items / s (higher is better)")
   ax.set_title(title)
@@ -246,7 +255,8 @@ def main(argv=None) -> None:
   print(table(rows))
   fwd = [r for r in rows if r.case.startswith("forward")]
   if fwd:
-    print(f"\nours/PyTorch forward time (no adapter, median of paired ratios): {fwd[0].ratio:.2f}")
+    print(f"\nours/PyTorch forward time (no adapter, median of paired ratios): "
+          f"{_ratio(fwd[0]):.2f}")
   args.out.mkdir(parents=True, exist_ok=True)
   stem = args.out / f"model_speed_{args.model}"
   meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
