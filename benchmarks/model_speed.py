@@ -190,7 +190,14 @@ def vit_cases(args) -> list[Row]:
   return rows
 
 
-MODELS = {"vit": vit_cases}
+def llama_cases(args) -> list[Row]:
+  """Decode speed of the Llama port against HF generate (benchmarks/llama_speed.py)."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  from llama_speed import llama_cases as cases
+  return cases(args)
+
+
+MODELS = {"vit": vit_cases, "llama": llama_cases}
 
 
 # --- Report ---------------------------------------------------------------------------------
