@@ -1,0 +1,1 @@
+"""Standalone solvers (jax + numpy only): ``solvers.sparse_simplex`` and ``solvers.prox``."""
