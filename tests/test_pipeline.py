@@ -100,6 +100,8 @@ def test_rank_truncation_bounds_the_rank(library, tmp_path):
     (["--prototype", "BADDIM"], "dimension"),
     (["--prototype", "NOTNPY"], "cannot read"),
     (["--data", "nosuch:thing", "--model", "demo"], "unknown dataset URI scheme"),
+    (["--data", "folder:NOFOLDER", "--model", "demo"], "NOFOLDER"),
+    (["--encoder", "other-enc"], "not in the library"),
 ])
 def test_errors_exit_2_with_one_line_and_write_nothing(library, tmp_path, capsys, extra,
                                                        message):
