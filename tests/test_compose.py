@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from oracles import dense, rel
 from models.lora import LoRA, SVDLoRA, Linear, from_flat, to_flat, truncate
 from rpe_jax.compose import (adapter_of, combine, merge_into, scale, truncate_tree,
                              with_adapter)
@@ -49,16 +50,6 @@ def rand_adapter(rng, rank, kind="lora", dtype=np.float64, shapes=SHAPES):
   return from_flat(flat)
 
 
-def dense(leaf):
-  a, b = np.asarray(leaf.a, np.float64), np.asarray(leaf.b, np.float64)
-  if isinstance(leaf, SVDLoRA):
-    a = a * np.asarray(leaf.e, np.float64)
-  return a @ b
-
-
-def rel(x, y):
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  return np.linalg.norm(x - y) / np.linalg.norm(y)
 
 
 def dense_sum(adapters, w):

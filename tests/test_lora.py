@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from oracles import dense, rel
 from models.lora import (LoRA, SVDLoRA, Linear, check_leaf, compact, concat,
                          orthogonality_penalty, total_orthogonality_penalty, truncate)
 
@@ -27,17 +28,6 @@ def rand_leaf(rng, r, kind="lora", n_in=IN, n_out=OUT, dtype=np.float64):
   return SVDLoRA(jnp.asarray(a, dtype), jnp.asarray(e, dtype), jnp.asarray(b, dtype))
 
 
-def dense(leaf):
-  """The numpy float64 oracle of δW (never the code under test)."""
-  a, b = np.asarray(leaf.a, np.float64), np.asarray(leaf.b, np.float64)
-  if isinstance(leaf, SVDLoRA):
-    a = a * np.asarray(leaf.e, np.float64)
-  return a @ b
-
-
-def rel(x, y):
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  return np.linalg.norm(x - y) / np.linalg.norm(y)
 
 
 def test_delta_rank_dtype_shape_scale():

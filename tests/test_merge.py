@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft.utils.merge_utils import ties as peft_ties
 
+from oracles import dense, rel
 from models.lora import LoRA, SVDLoRA, from_flat, to_flat
 from rpe_jax.merge import lora_average, medlego_merge, task_arithmetic, ties_merge
 
@@ -31,15 +32,6 @@ def rand_adapter(rng, rank, kind="svd", orthonormal=False):
   return from_flat(flat)
 
 
-def dense(leaf):
-  a, b = np.asarray(leaf.a, np.float64), np.asarray(leaf.b, np.float64)
-  if isinstance(leaf, SVDLoRA):
-    a = a * np.asarray(leaf.e, np.float64)
-  return a @ b
-
-
-def rel(x, y):
-  return np.linalg.norm(np.asarray(x) - np.asarray(y)) / np.linalg.norm(np.asarray(y))
 
 
 def test_medlego_of_identical_adapters_returns_that_adapter():
