@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from held_out_table import markdown_table, plot_bars  # noqa: E402
 from models import llama  # noqa: E402
 from rpe_jax import text  # noqa: E402
 from rpe_jax.compose import combine, with_adapter  # noqa: E402
@@ -120,13 +121,7 @@ def run(args) -> dict:
     print(f"held out {held}: " + ", ".join(f"{r} {scores[r][held]:.3f}" for r in scores),
           flush=True)
 
-  header = "| strategy | " + " | ".join(mods) + " | mean |"
-  lines = [header, "|---|" + "---:|" * (len(mods) + 1)]
-  for row, per in scores.items():
-    vals = [per[m] for m in mods]
-    lines.append(f"| {row} | " + " | ".join(f"{v:.3f}" for v in vals)
-                 + f" | {np.mean(vals):.3f} |")
-  table = "\n".join(lines)
+  table = markdown_table(scores, mods)
   print("\nROUGE-L F1 on the held-out modality (rows: composition strategy)\n")
   print(table)
   if bertscores:
@@ -143,27 +138,9 @@ def run(args) -> dict:
   stem.with_suffix(".json").write_text(json.dumps(
       {"args": meta, "rouge_l": scores, "bertscore_f1": bertscores, "weights": weights,
        "table": table}, indent=2))
-  _plot(scores, mods, stem.with_suffix(".png"))
+  plot_bars(scores, mods, stem.with_suffix(".png"), ylabel="ROUGE-L F1 (held out)")
   print(f"wrote {stem}.json and .png")
   return scores
-
-
-def _plot(scores, mods, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  rows = list(scores)
-  fig, ax = plt.subplots(figsize=(8, 3.5))
-  width = 0.8 / len(rows)
-  x = np.arange(len(mods))
-  for i, row in enumerate(rows):
-    ax.bar(x + i * width, [scores[row][m] for m in mods], width, label=row)
-  ax.set_xticks(x + 0.4 - width / 2, mods)
-  ax.set_ylabel("ROUGE-L F1 (held out)")
-  ax.legend(fontsize=7, ncol=4)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv=None):

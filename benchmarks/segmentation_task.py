@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from held_out_table import markdown_table, plot_bars  # noqa: E402
 from models import hf, sam  # noqa: E402
 from rpe_jax import segmentation as seg  # noqa: E402
 from rpe_jax.compose import adapter_of, combine, merge_into  # noqa: E402
@@ -119,13 +120,7 @@ def run(args) -> dict:
     print(f"held out {held}: " + ", ".join(f"{r} {scores[r][held]:.3f}" for r in scores),
           flush=True)
 
-  header = "| strategy | " + " | ".join(sites) + " | mean |"
-  lines = [header, "|---|" + "---:|" * (len(sites) + 1)]
-  for row, per in scores.items():
-    vals = [per[s] for s in sites]
-    lines.append(f"| {row} | " + " | ".join(f"{v:.3f}" for v in vals)
-                 + f" | {np.mean(vals):.3f} |")
-  table = "\n".join(lines)
+  table = markdown_table(scores, sites)
   print(f"\nDICE on the held-out site, prompt={args.prompt} (rows: composition strategy)\n")
   print(table)
   seconds = time.perf_counter() - t0
@@ -137,28 +132,10 @@ def run(args) -> dict:
   stem.with_suffix(".json").write_text(json.dumps(
       {"args": meta, "dice": scores, "weights": weights, "table": table, "seconds": seconds},
       indent=2))
-  _plot(scores, sites, stem.with_suffix(".png"))
+  plot_bars(scores, sites, stem.with_suffix(".png"), ylabel="DICE (held-out site)",
+            width_in=9.0, ylim=(0, 1))
   print(f"wrote {stem}.json and .png")
   return scores
-
-
-def _plot(scores, sites, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  rows = list(scores)
-  fig, ax = plt.subplots(figsize=(9, 3.5))
-  width = 0.8 / len(rows)
-  x = np.arange(len(sites))
-  for i, row in enumerate(rows):
-    ax.bar(x + i * width, [scores[row][s] for s in sites], width, label=row)
-  ax.set_xticks(x + 0.4 - width / 2, sites)
-  ax.set_ylabel("DICE (held-out site)")
-  ax.set_ylim(0, 1)
-  ax.legend(fontsize=7, ncol=4)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv=None):
