@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,27 @@ class RopeScaling:
   original_max_position_embeddings: int
 
 
+# Tensor-parallel / FSDP partition rules, ``(regex on the dotted nnx.state path → logical
+# axes)``, first match wins, for ``rpe_jax.sharding`` (whose presets map the logical axes
+# "embed", "heads", "mlp", "vocab" to mesh axes). A rule names a kernel or a lone parameter;
+# a Linear's bias and adapter factors follow its kernel. Megatron layout: q/k/v, gate and up
+# are column-parallel (out dim on "heads"/"mlp"), o and down row-parallel; the vocabulary is
+# split over "vocab" in the embedding and the head.
+SHARDING_RULES = (
+    (r"embed_tokens\.embedding$", ("vocab", "embed")),
+    (r"self_attn\.(q_proj|k_proj|v_proj)\.kernel$", ("embed", "heads")),
+    (r"self_attn\.o_proj\.kernel$", ("heads", "embed")),
+    (r"mlp\.(gate_proj|up_proj)\.kernel$", ("embed", "mlp")),
+    (r"mlp\.down_proj\.kernel$", ("mlp", "embed")),
+    (r"lm_head\.kernel$", ("embed", "vocab")),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+  model_type: ClassVar[str] = "llama"
+  sharding_rules: ClassVar[tuple] = SHARDING_RULES   # see SHARDING_RULES
+
   vocab_size: int = 128
   hidden_size: int = 64
   intermediate_size: int = 128

@@ -16,7 +16,7 @@ projections (``DECODER_TARGETS``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +67,30 @@ def _take(hf: dict, section: str, fields: dict[str, Any], derived=()) -> dict:
   return {k: hf.get(k, d) for k, d in fields.items()}
 
 
+# Tensor-parallel / FSDP partition rules, ``(regex on the dotted nnx.state path → logical
+# axes)``, first match wins, for ``rpe_jax.sharding`` (whose presets map the logical axes
+# "embed", "heads", "mlp", "vocab" to mesh axes). A rule names a kernel or a lone parameter;
+# a Linear's bias and adapter factors follow its kernel.
+SHARDING_RULES = (
+    # Vision encoder (a ViT-Det): fused qkv is column-parallel, proj row-parallel.
+    (r"attn\.qkv\.kernel$", ("embed", "heads")),
+    (r"attn\.proj\.kernel$", ("heads", "embed")),
+    (r"mlp\.lin1\.kernel$", ("embed", "mlp")),
+    (r"mlp\.lin2\.kernel$", ("mlp", "embed")),
+    (r"patch_embed\.kernel$", (None, None, None, "embed")),
+    (r"pos_embed$", (None, None, None, "embed")),
+    # Mask-decoder attention (two-way transformer); its MLPs are small and stay replicated.
+    (r"(q_proj|k_proj|v_proj)\.kernel$", ("embed", "heads")),
+    (r"out_proj\.kernel$", ("heads", "embed")),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamConfig:
   """The three HF sub-configs; ``from_hf`` reads a SamModel ``config.json`` dict."""
+
+  model_type: ClassVar[str] = "sam"
+  sharding_rules: ClassVar[tuple] = SHARDING_RULES   # see SHARDING_RULES
 
   vision: SamVisionConfig = SamVisionConfig()
   prompt_encoder: SamPromptEncoderConfig = SamPromptEncoderConfig()

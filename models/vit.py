@@ -33,7 +33,7 @@ q_proj.weight``). Dropout is not applied: the model is the eval-mode network.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,9 +95,29 @@ def _pair(v, name: str) -> tuple[int, int]:
   raise ValueError(f"ViT config: {name} must be an int or a pair of ints, got {v!r}")
 
 
+# Tensor-parallel / FSDP partition rules, ``(regex on the dotted nnx.state path → logical
+# axes)``, first match wins, for ``rpe_jax.sharding`` (whose presets map the logical axes
+# "embed", "heads", "mlp", "vocab" to mesh axes). A rule names a kernel or a lone parameter;
+# a Linear's bias and adapter factors follow its kernel. Megatron layout: q/k/v and fc1 are
+# column-parallel (out dim on "heads"/"mlp"), the attention output and fc2 row-parallel.
+SHARDING_RULES = (
+    (r"attention\.(query|key|value)\.kernel$", ("embed", "heads")),
+    (r"attention\.output\.kernel$", ("heads", "embed")),
+    (r"mlp\.fc1\.kernel$", ("embed", "mlp")),
+    (r"mlp\.fc2\.kernel$", ("mlp", "embed")),
+    (r"patch_embeddings\.kernel$", (None, None, None, "embed")),
+    (r"embeddings\.(position_embeddings|cls_token)$", (None, None, "embed")),
+    (r"pooler\.dense\.kernel$", ("embed", None)),
+    (r"classifier\.kernel$", ("embed", None)),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   """ViT hyper-parameters (the subset of HF ``ViTConfig`` that changes the math)."""
+
+  model_type: ClassVar[str] = "vit"
+  sharding_rules: ClassVar[tuple] = SHARDING_RULES   # see SHARDING_RULES
 
   hidden_size: int = 768
   num_hidden_layers: int = 12
