@@ -164,15 +164,26 @@ def concat(leaves: Sequence[Adapter], weights=None) -> Adapter:
   return LoRA(a, jnp.concatenate(bs, axis=0))
 
 
-def _energy_count(s: np.ndarray, energy: float, eps: float) -> int:
-  """Med-LEGO's rule: the smallest r with Σ_{i≤r} s_i ≥ v · Σ_i s_i (at least 1)."""
-  return max(1, int(np.sum(_energy_keep(s, energy, eps, np))))
+def energy_count(s: np.ndarray, energy: float, eps: float) -> int:
+  """Med-LEGO's rank rule: the smallest r with Σ_{i≤r} s_i ≥ v · Σ_i s_i (at least 1).
+
+  s: concrete singular values sorted descending (numpy; read eagerly, outside jit).
+  energy: the threshold v in (0, 1]. eps: the machine epsilon of the dtype s was computed
+  in (see `energy_keep`). The number of True entries of ``energy_keep``, floored at 1.
+  """
+  return max(1, int(np.sum(energy_keep(s, energy, eps, np))))
 
 
-def _energy_keep(s, energy: float, eps: float, xp=jnp):
-  """Mask of the kept singular values (s sorted descending): keep i while the sum *before*
-  it is still short of v · Σ s. A slack of (len(s) · eps) · Σ s absorbs rounding, so v = 1
-  keeps the exact rank and drops numerically-zero directions."""
+def energy_keep(s, energy: float, eps: float, xp=jnp):
+  """Mask of the singular values Med-LEGO's threshold v keeps (s sorted descending).
+
+  Keep i while the sum *before* it is still short of v · Σ s:
+    keep_i = Σ_{j<i} s_j < v · Σ s − len(s) · eps · Σ s.
+  The slack (len(s) · eps) · Σ s absorbs rounding, so v = 1 keeps the exact rank and drops
+  numerically-zero directions. Traceable with ``xp=jnp`` (a static shape: use it to zero the
+  dropped values under jit, as ``truncate(rank=..., energy=...)`` does); ``xp=np`` for
+  numpy input.
+  """
   total = xp.sum(s)
   before = xp.cumsum(s) - s
   return before < energy * total - len(s) * eps * total
@@ -222,9 +233,9 @@ def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None
         raise ValueError(
             "truncate: energy without rank needs concrete values; under jit/vmap pass a "
             "static rank= cap (components beyond the threshold are then zeroed)")
-      r = min(r, _energy_count(np.asarray(s), energy, eps))
+      r = min(r, energy_count(np.asarray(s), energy, eps))
     else:
-      s = jnp.where(_energy_keep(s, energy, eps), s, 0)
+      s = jnp.where(energy_keep(s, energy, eps), s, 0)
   return SVDLoRA((qa @ u[:, :r]).astype(dtype), s[:r].astype(dtype),
                  (vt[:r] @ qb.T).astype(dtype))
 

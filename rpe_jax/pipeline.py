@@ -174,7 +174,7 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=Non
   One retrieval and one batched weight solve serve all targets; the references and
   squared distances that retrieval computed are handed to the weighting step.
   Returns (retrieval, weights, composed adapters [B], kept[B]: the names composed).
-  With a ``mesh`` the composition runs sharded (``rpe_jax.sharding.combine_on_mesh``).
+  With a ``mesh`` the composition runs sharded (``rpe_jax.sharded_ops.combine_on_mesh``).
   """
   from rpe_jax import weighting
   from rpe_jax.compose import combine
@@ -198,7 +198,7 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=Non
           cache[name] = library.load(name)
     with clock("combine"):
       if mesh is not None:
-        from rpe_jax.sharding import combine_on_mesh
+        from rpe_jax.sharded_ops import combine_on_mesh
         composed.append(combine_on_mesh([cache[n] for n in names],
                                         weights[b, use].astype(np.float32), mesh,
                                         rank=rank, energy=energy))

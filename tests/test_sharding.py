@@ -1,12 +1,15 @@
-"""Sharding on the 8 fake CPU devices of conftest: meshes, partition-spec rules, the sharded
-library and its exact composition, sharded forwards of ViT and Llama carrying a composed
-adapter, the sharded solver, orbax restore onto another mesh, and the multi-host entry.
+"""Sharding on the 8 fake CPU devices of conftest: meshes, the partition-spec rules each model
+config carries, placement of models and stacked adapter libraries, sharded forwards of ViT,
+Llama and SAM carrying a composed adapter, orbax restore onto another mesh, and the
+multi-host entry flags. (The sharded composition and solve: tests/test_sharded_ops.py.)
 
-Oracles: single-device results (compose.combine, the unsharded model, the unsharded
-solver), dense float64 numpy, and hand-written partition specs.
+Oracles: single-device results (compose.combine, the unsharded model), dense float64 numpy,
+and hand-written partition specs.
 """
 
 import argparse
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -15,45 +18,16 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models.llama import LlamaConfig, LlamaForCausalLM
-from models.lora import LoRA, SVDLoRA, adapted_layers, from_flat, is_lora, to_flat
-from models.vit import ViTConfig, ViTForImageClassification
+from models.llama import LlamaForCausalLM
+from models.lora import LoRA, Linear, SVDLoRA, is_lora, to_flat
+from models.vit import ViTForImageClassification
+from oracles import dense
 from rpe_jax import compose
 from rpe_jax import distributed
+from rpe_jax import sharded_ops as ops
 from rpe_jax import sharding as sh
-from solvers import sparse_simplex
-
-TOL = 1e-6
-
-
-def _np(x):
-  return np.asarray(x, np.float64)
-
-
-def _delta64(leaf):
-  """Dense δW in float64 numpy (the oracle), from any leaf."""
-  if isinstance(leaf, SVDLoRA):
-    return (_np(leaf.a) * _np(leaf.e)) @ _np(leaf.b)
-  return _np(leaf.a) @ _np(leaf.b)
-
-
-def _specs(tree):
-  return jax.tree.map(lambda x: x.sharding.spec, tree)
-
-
-def _assert_shardings(tree, wanted):
-  """Every array of ``tree`` sits exactly as the NamedSharding tree ``wanted`` says."""
-  got = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, tree))
-  want = jax.tree.leaves(wanted)
-  assert len(got) == len(want) > 0
-  for x, (g, w) in zip(jax.tree.leaves(tree), zip(got, want)):
-    assert isinstance(g, NamedSharding) and g.mesh == w.mesh, (g, w)
-    assert g.is_equivalent_to(w, x.ndim), (g.spec, w.spec)
-
-
-def _assert_close(x, y, tol=TOL):
-  x, y = _np(x), _np(y)
-  np.testing.assert_allclose(x, y, rtol=tol, atol=tol * max(1.0, np.abs(y).max()))
+from sharding_cases import (LLAMA, LLAMA_TARGETS, VIT, VIT_TARGETS, WEIGHTS, assert_close,
+                            assert_shardings, library, np64, random_adapter)
 
 
 # --- Meshes -----------------------------------------------------------------------------------
@@ -85,32 +59,7 @@ def test_make_mesh_rejects_bad_specs(spec, message):
     sh.make_mesh(spec)
 
 
-# --- Tiny models and adapters -----------------------------------------------------------------
-
-VIT = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, image_size=8, patch_size=4, num_channels=3,
-                labels=("a", "b", "c"))
-LLAMA = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-VIT_TARGETS = ("query", "value", "output", "fc1", "fc2")
-LLAMA_TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-
-
-def _random_adapter(model, targets, rank, seed, kind="lora", scale=0.1):
-  """A random exchange-form adapter on the layers of ``model`` whose path ends in a target."""
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for path, layer in adapted_layers(model).items():
-    if path.rsplit(".", 1)[-1] not in targets:
-      continue
-    a = jnp.asarray(scale * rng.normal(size=(layer.in_features, rank)), jnp.float32)
-    b = jnp.asarray(scale * rng.normal(size=(rank, layer.out_features)), jnp.float32)
-    if kind == "svd":
-      flat[path] = SVDLoRA(a, jnp.asarray(rng.uniform(0.5, 2.0, rank), jnp.float32), b)
-    else:
-      flat[path] = LoRA(a, b)
-  return from_flat(flat)
-
+# --- Tiny models ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def vit():
@@ -125,7 +74,7 @@ def llama():
 # --- Partition-spec rules ---------------------------------------------------------------------
 
 def test_vit_rules_tensor_parallel_and_fsdp(vit):
-  model = compose.with_adapter(vit, _random_adapter(vit, ("query", "output"), 2, 0))
+  model = compose.with_adapter(vit, random_adapter(vit, ("query", "output"), 2, 0))
   mesh = sh.make_mesh("data=2,model=4")
   flat = lambda preset: {sh._dotted(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
       sh.state_shardings(nnx.state(model), mesh, model_type="vit", preset=preset))[0]}
@@ -166,9 +115,9 @@ def test_rules_replicate_indivisible_dims_unless_strict():
 
 
 def test_shard_model_places_llama_parameters(llama):
-  model = compose.with_adapter(llama, _random_adapter(llama, ("q_proj",), 2, 0))
+  model = compose.with_adapter(llama, random_adapter(llama, ("q_proj",), 2, 0))
   mesh = sh.make_mesh("data=2,model=4")
-  before = {sh._dotted(p): _np(x) for p, x in jax.tree_util.tree_flatten_with_path(
+  before = {sh._dotted(p): np64(x) for p, x in jax.tree_util.tree_flatten_with_path(
       nnx.state(model))[0]}
   sh.shard_model(model, mesh, "fsdp_tp")
   layer = model.model.layers[0]
@@ -177,40 +126,127 @@ def test_shard_model_places_llama_parameters(llama):
   assert layer.mlp.down_proj.kernel[...].sharding.spec == P("model", "data")
   assert model.model.embed_tokens.embedding[...].sharding.spec == P("model", "data")
   assert model.lm_head.kernel[...].sharding.spec == P("data", "model")
-  after = {sh._dotted(p): _np(x) for p, x in jax.tree_util.tree_flatten_with_path(
+  after = {sh._dotted(p): np64(x) for p, x in jax.tree_util.tree_flatten_with_path(
       nnx.state(model))[0]}
   assert before.keys() == after.keys()
   for key in before:
     np.testing.assert_array_equal(before[key], after[key])
 
 
+# --- The rules live on the model configs ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _ToyConfig:
+  """A new model's config: a ClassVar ``sharding_rules`` is all rpe_jax.sharding needs."""
+  sharding_rules: ClassVar[tuple] = ((r"up\.kernel$", ("embed", "mlp")),
+                                     (r"down\.kernel$", ("mlp", "embed")))
+  width: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlainConfig:
+  width: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _BadConfig:
+  sharding_rules: ClassVar[tuple] = (r"up\.kernel$",)    # a regex without its axes
+
+
+class _Toy(nnx.Module):
+  def __init__(self, config, *, rngs):
+    self.config = config
+    self.up = Linear(config.width, 4 * config.width, rngs=rngs)
+    self.down = Linear(4 * config.width, config.width, rngs=rngs)
+    self.head = Linear(config.width, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.down(jax.nn.relu(self.up(x))))
+
+
+def test_a_new_model_is_sharded_by_its_config_rules():
+  mesh = sh.make_mesh("data=2,model=4")
+  toy = _Toy(_ToyConfig(), rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
+  ref = np64(toy(x))
+  forward, state = sh.sharded_forward(toy, mesh, preset="fsdp_tp")   # no model type given
+  out = forward(state, x)
+  assert_close(out, ref)
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
+  sh.shard_model(toy, mesh, "fsdp_tp")
+  # Hand-written specs for the toy's rules under fsdp_tp (embed → data, mlp → model).
+  assert toy.up.kernel[...].sharding.spec == P("data", "model")
+  assert toy.up.bias[...].sharding.spec == P("model")
+  assert toy.down.kernel[...].sharding.spec == P("model", "data")
+  assert toy.down.bias[...].sharding.spec == P("data")
+  assert toy.head.kernel[...].sharding.spec == P(None, None)     # no rule: replicated
+  # The config (instance or class) stands for the model where only a state is at hand.
+  for rules in (toy.config, _ToyConfig):
+    specs = jax.tree.leaves(sh.state_shardings(nnx.state(toy), mesh, model_type=rules,
+                                               preset="fsdp_tp"))
+    assert [s.spec for s in specs] == [x.sharding.spec for x in jax.tree.leaves(nnx.state(toy))]
+
+
+def test_shipped_rules_are_on_the_configs(vit, llama):
+  from models.llama import LlamaConfig
+  from models.sam import SamConfig
+  from models.vit import ViTConfig
+  for name, config, model in (("vit", ViTConfig, vit), ("llama", LlamaConfig, llama)):
+    assert config.model_type == name and sh.model_type_of(model) == name
+    assert sh.partition_rules(name) is config.sharding_rules
+    assert sh.partition_rules(model) is config.sharding_rules
+    assert sh.partition_rules(model.config) is config.sharding_rules
+  assert sh.partition_rules("sam") is SamConfig.sharding_rules
+  # An adapter sharded by the model-type string, the config or the model: the same specs.
+  adapter = random_adapter(vit, VIT_TARGETS, 2, 0)
+  mesh = sh.make_mesh("data=2,model=4")
+  by_name = sh.adapter_shardings(adapter, mesh, model_type="vit", preset="fsdp_tp")
+  for spec in (vit.config, vit):
+    other = sh.adapter_shardings(adapter, mesh, model_type=spec, preset="fsdp_tp")
+    assert jax.tree.leaves(other) == jax.tree.leaves(by_name)
+
+
+def test_a_model_without_rules_is_refused_by_name():
+  mesh = sh.make_mesh("data=2,model=4")
+  plain = _Toy(_PlainConfig(), rngs=nnx.Rngs(0))
+  for call in (lambda: sh.shard_model(plain, mesh), lambda: sh.sharded_forward(plain, mesh),
+               lambda: sh.model_type_of(plain),
+               lambda: sh.state_shardings(nnx.state(plain), mesh, model_type=plain)):
+    with pytest.raises(ValueError, match=r"no sharding rules for a _Toy: its config "
+                                         r"\(_PlainConfig\)"):
+      call()
+  with pytest.raises(ValueError, match="has no model_type"):
+    sh.model_type_of(_Toy(_ToyConfig(), rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="model_type must be one of .* got a _PlainConfig"):
+    sh.adapter_shardings({}, mesh, model_type=_PlainConfig())
+  with pytest.raises(ValueError, match="_BadConfig.sharding_rules must be a sequence"):
+    sh.partition_rules(_BadConfig())
+  # An explicit model_type overrides the (missing) config rules.
+  sh.shard_model(plain, mesh, "tp", model_type=_ToyConfig)
+  assert plain.up.kernel[...].sharding.spec == P(None, "model")
+
+
 # --- The stacked library ----------------------------------------------------------------------
 
-def _library(model, targets, ranks, kinds=None, seed=0):
-  kinds = kinds or ["lora"] * len(ranks)
-  return [_random_adapter(model, targets, r, seed + i, kind)
-          for i, (r, kind) in enumerate(zip(ranks, kinds))]
-
-
 def test_stack_adapters_is_exact_and_pads(vit):
-  adapters = _library(vit, ("query", "fc2"), [2, 3, 1], ["lora", "svd", "lora"])
+  adapters = library(vit, ("query", "fc2"), [2, 3, 1], ["lora", "svd", "lora"])
   stack = sh.stack_adapters(adapters, multiple_of=4)
   for path, leaf in to_flat(stack).items():
     assert isinstance(leaf, LoRA)                 # mixed kinds: e folded into b
     assert leaf.a.shape[:1] == (4,) and leaf.a.shape[-1] == 3
     for i, adapter in enumerate(adapters):
-      np.testing.assert_allclose(_np(leaf.a[i]) @ _np(leaf.b[i]), _delta64(to_flat(adapter)[path]),
+      np.testing.assert_allclose(np64(leaf.a[i]) @ np64(leaf.b[i]), dense(to_flat(adapter)[path]),
                                  rtol=1e-6, atol=1e-7)
-    assert not np.any(_np(leaf.a[3])) and not np.any(_np(leaf.b[3]))   # the zero pad
-  svd = sh.stack_adapters(_library(vit, ("query",), [2, 2], ["svd", "svd"]))
+    assert not np.any(np64(leaf.a[3])) and not np.any(np64(leaf.b[3]))   # the zero pad
+  svd = sh.stack_adapters(library(vit, ("query",), [2, 2], ["svd", "svd"]))
   assert all(isinstance(x, SVDLoRA) for x in jax.tree.leaves(svd, is_leaf=is_lora))
   with pytest.raises(ValueError, match="differ in structure"):
-    sh.stack_adapters([adapters[0], _random_adapter(vit, ("query",), 2, 9)])
+    sh.stack_adapters([adapters[0], random_adapter(vit, ("query",), 2, 9)])
 
 
 def test_place_library_shards_the_library_axis(vit):
   mesh = sh.make_mesh("data=4,model=2")
-  stack = sh.stack_adapters(_library(vit, ("query", "output"), [2, 2, 2, 2]))
+  stack = sh.stack_adapters(library(vit, ("query", "output"), [2, 2, 2, 2]))
   placed = sh.place_library(stack, mesh, "data", model_type="vit")
   q = to_flat(placed)["vit.layers.0.attention.query"]
   o = to_flat(placed)["vit.layers.0.attention.output"]
@@ -218,7 +254,7 @@ def test_place_library_shards_the_library_axis(vit):
   assert (o.a.sharding.spec, o.b.sharding.spec) == (P("data", "model", None), P("data", None, None))
   assert q.a.addressable_shards[0].data.shape == (1, 32, 2)   # one adapter per data shard
   with pytest.raises(ValueError, match="multiple_of=4"):
-    sh.place_library(sh.stack_adapters(_library(vit, ("query",), [2, 2, 2])), mesh)
+    sh.place_library(sh.stack_adapters(library(vit, ("query",), [2, 2, 2])), mesh)
 
 
 # --- SAM: rules and a sharded image-encoder forward -------------------------------------------
@@ -240,7 +276,7 @@ def _tiny_sam():
 
 def test_sam_rules():
   abstract = nnx.eval_shape(_tiny_sam)
-  model = compose.with_adapter(abstract, _random_adapter(abstract, ("qkv",), 2, 3))
+  model = compose.with_adapter(abstract, random_adapter(abstract, ("qkv",), 2, 3))
   mesh = sh.make_mesh("data=2,model=4")
   specs = {sh._dotted(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
       sh.state_shardings(nnx.state(model), mesh, model_type="sam", preset="fsdp_tp"))[0]}
@@ -262,120 +298,15 @@ def test_sam_rules():
 def test_sam_sharded_encoder_forward_with_adapter():
   sam = _tiny_sam()
   mesh = sh.make_mesh("data=2,model=4")
-  model = compose.with_adapter(sam, _random_adapter(sam, ("qkv",), 2, 3, scale=0.3))
+  model = compose.with_adapter(sam, random_adapter(sam, ("qkv",), 2, 3, scale=0.3))
   x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 32, 32, 3)), jnp.float32)
   forward, state = sh.sharded_forward(model, mesh, preset="fsdp_tp",
                                       fn=lambda m, px: m.image_embeddings(px))
   out = forward(state, x)
   graphdef, single = nnx.split(model)
   ref = jax.jit(lambda st, px: nnx.merge(graphdef, st).image_embeddings(px))(single, x)
-  _assert_close(out, ref)
+  assert_close(out, ref)
   assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 4)
-
-# --- Sharded composition ----------------------------------------------------------------------
-
-WEIGHTS = jnp.asarray([0.6, -0.3, 0.5, 0.2], jnp.float32)
-
-
-def test_tsqr_on_sharded_rows():
-  mesh = sh.make_mesh("data=4,model=2")
-  x = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(32, 6)), jnp.float32),
-                     NamedSharding(mesh, P(("data", "model"), None)))
-  q, r = sh.tsqr(x, mesh)
-  assert q.sharding.spec == P(("data", "model"), None)
-  np.testing.assert_allclose(_np(q) @ _np(r), _np(x), atol=1e-5)
-  np.testing.assert_allclose(_np(q).T @ _np(q), np.eye(6), atol=1e-5)
-  # R equals numpy's up to the signs of its rows (QR is unique up to them).
-  r_np = np.linalg.qr(_np(x))[1]
-  np.testing.assert_allclose(np.abs(_np(r)), np.abs(r_np), atol=1e-5)
-
-
-def test_sharded_combine_equals_single_device_concat(vit):
-  mesh = sh.make_mesh("data=4,model=2")
-  adapters = _library(vit, VIT_TARGETS, [2, 2, 2, 2])
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
-  wanted = sh.adapter_shardings(compose.combine(adapters, WEIGHTS), mesh, model_type="vit")
-  out = sh.sharded_combine(placed, WEIGHTS, mesh, model_type="vit")
-  _assert_shardings(out, wanted)
-  single = compose.combine(adapters, WEIGHTS)
-  jax.tree.map(_assert_close, out, single)          # same layout: factor for factor
-  for path, leaf in to_flat(out).items():             # and the float64 dense oracle
-    dense = sum(float(w) * _delta64(to_flat(a)[path]) for w, a in zip(WEIGHTS, adapters))
-    _assert_close(_delta64(leaf), dense)
-
-
-def test_sharded_combine_padded_library_over_eight_devices(vit):
-  mesh = sh.make_mesh("data=8")
-  adapters = _library(vit, VIT_TARGETS, [2, 2, 2, 2])
-  placed = sh.place_library(sh.stack_adapters(adapters, multiple_of=8), mesh, "data")
-  weights = jnp.concatenate([WEIGHTS, jnp.zeros(4, jnp.float32)])
-  out = sh.sharded_combine(placed, weights, mesh, out_sharding=P())
-  _assert_shardings(out, jax.tree.map(lambda _: sh.replicated(mesh), out))
-  for path, leaf in to_flat(out).items():             # and the float64 dense oracle
-    dense = sum(float(w) * _delta64(to_flat(a)[path]) for w, a in zip(WEIGHTS, adapters))
-    _assert_close(_delta64(leaf), dense)
-
-
-def test_sharded_combine_mixed_ranks_and_kinds_to_one_sharding(vit):
-  mesh = sh.make_mesh("data=4,model=2")
-  adapters = _library(vit, ("query", "fc2"), [1, 3, 2, 2], ["lora", "svd", "lora", "svd"])
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data")
-  target = NamedSharding(mesh, P(None, "model"))
-  out = sh.sharded_combine(placed, WEIGHTS, mesh, out_sharding=target)
-  _assert_shardings(out, jax.tree.map(lambda _: target, out))
-  single = compose.combine(adapters, WEIGHTS)
-  for path, leaf in to_flat(out).items():
-    _assert_close(_delta64(leaf), _delta64(to_flat(single)[path]))
-
-
-def test_sharded_combine_all_svd_keeps_svd_form(vit):
-  mesh = sh.make_mesh("data=4,model=2")
-  adapters = _library(vit, ("value",), [2, 2, 2, 2], ["svd"] * 4)
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
-  out = sh.sharded_combine(placed, WEIGHTS, mesh)
-  single = compose.combine(adapters, WEIGHTS)
-  assert all(isinstance(x, SVDLoRA) for x in jax.tree.leaves(out, is_leaf=is_lora))
-  jax.tree.map(_assert_close, out, single)
-  _assert_shardings(out, jax.tree.map(lambda _: sh.replicated(mesh), out))
-
-
-def _top_svd(dense, r):
-  u, s, vt = np.linalg.svd(dense)
-  return (u[:, :r] * s[:r]) @ vt[:r], s[:r]
-
-
-@pytest.mark.parametrize("rank, energy", [(3, None), (4, 0.8), (None, 0.8)])
-def test_sharded_combine_truncated_equals_single_device(vit, rank, energy):
-  mesh = sh.make_mesh("data=4,model=2")
-  adapters = _library(vit, ("query", "output", "fc1"), [2, 3, 2, 1], seed=5)
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
-  out = sh.sharded_combine(placed, WEIGHTS, mesh, rank=rank, energy=energy, model_type="vit")
-  single = compose.combine(adapters, WEIGHTS, rank=rank, energy=energy)
-  _assert_shardings(out, sh.adapter_shardings(single, mesh, model_type="vit"))
-  for path, leaf in to_flat(out).items():
-    ref = to_flat(single)[path]
-    assert isinstance(leaf, SVDLoRA) and leaf.rank == ref.rank
-    _assert_close(leaf.e, ref.e)
-    _assert_close(_delta64(leaf), _delta64(ref))
-    if energy is None:                      # the dense float64 Eckart–Young oracle
-      dense = sum(float(w) * _delta64(to_flat(a)[path]) for w, a in zip(WEIGHTS, adapters))
-      best, s = _top_svd(dense, rank)
-      _assert_close(leaf.e, s, 1e-5)
-      _assert_close(_delta64(leaf), best, 1e-5)
-
-
-def test_sharded_combine_rejects_bad_input(vit):
-  mesh = sh.make_mesh("data=4,model=2")
-  stack = sh.stack_adapters(_library(vit, ("query",), [2, 2, 2, 2]))
-  with pytest.raises(ValueError, match="place_library"):
-    sh.sharded_combine(stack, WEIGHTS, mesh)
-  placed = sh.place_library(stack, mesh)
-  with pytest.raises(ValueError, match=r"weights must have shape \(4,\)"):
-    sh.sharded_combine(placed, WEIGHTS[:3], mesh)
-  with pytest.raises(ValueError, match="finite"):
-    sh.sharded_combine(placed, WEIGHTS.at[0].set(jnp.nan), mesh)
-  with pytest.raises(ValueError, match="rank"):
-    sh.sharded_combine(placed, WEIGHTS, mesh, rank=0)
 
 
 # --- Sharded forward with a composed, unmerged adapter ----------------------------------------
@@ -383,17 +314,17 @@ def test_sharded_combine_rejects_bad_input(vit):
 @pytest.mark.parametrize("preset", ["tp", "fsdp_tp"])
 def test_sharded_vit_forward_with_composed_adapter(vit, preset):
   mesh = sh.make_mesh("data=2,model=4")
-  adapters = _library(vit, VIT_TARGETS, [2, 2, 2, 2], seed=11)
+  adapters = library(vit, VIT_TARGETS, [2, 2, 2, 2], seed=11)
   placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
-  composed = sh.sharded_combine(placed, WEIGHTS, mesh, model_type="vit", preset=preset)
+  composed = ops.sharded_combine(placed, WEIGHTS, mesh, model_type="vit", preset=preset)
   model = compose.with_adapter(vit, composed)
   forward, state = sh.sharded_forward(model, mesh, preset=preset)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 3)), jnp.float32)
   out = forward(state, x)
   # Oracle: the single-device model with the single-device composition.
   single = compose.with_adapter(vit, compose.combine(adapters, WEIGHTS))(x)
-  _assert_close(out.logits, single.logits)
-  _assert_close(out.last_hidden_state, single.last_hidden_state)
+  assert_close(out.logits, single.logits)
+  assert_close(out.last_hidden_state, single.last_hidden_state)
   assert out.logits.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
   q = state["vit"]["layers"][0]["attention"]["query"]
   assert q["kernel"][...].sharding.spec == (P(None, "model") if preset == "tp"
@@ -403,15 +334,15 @@ def test_sharded_vit_forward_with_composed_adapter(vit, preset):
 
 def test_sharded_llama_forward_with_composed_adapter(llama):
   mesh = sh.make_mesh("data=2,model=4")
-  adapters = _library(llama, LLAMA_TARGETS, [2, 2, 2, 2], seed=21)
+  adapters = library(llama, LLAMA_TARGETS, [2, 2, 2, 2], seed=21)
   placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="llama")
-  composed = sh.sharded_combine(placed, WEIGHTS, mesh, rank=4, model_type="llama")
+  composed = ops.sharded_combine(placed, WEIGHTS, mesh, rank=4, model_type="llama")
   model = compose.with_adapter(llama, composed)
   forward, state = sh.sharded_forward(model, mesh, preset="tp")
   ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, size=(4, 6)), jnp.int32)
   out = forward(state, ids)
   single = compose.with_adapter(llama, compose.combine(adapters, WEIGHTS, rank=4))(ids)
-  _assert_close(out.logits, single.logits)
+  assert_close(out.logits, single.logits)
   assert out.logits.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 3)
   assert state["model"]["layers"][1]["mlp"]["down_proj"]["lora_a"][...].sharding.spec == \
       P("model", None)
@@ -421,14 +352,14 @@ def test_sharded_llama_forward_with_composed_adapter(llama):
 
 def test_adapter_checkpoint_restores_onto_another_mesh(vit, tmp_path):
   mesh_a, mesh_b = sh.make_mesh("data=2,model=4"), sh.make_mesh("data=4,model=2")
-  adapter = _random_adapter(vit, VIT_TARGETS, 4, 7)
+  adapter = random_adapter(vit, VIT_TARGETS, 4, 7)
   saved = jax.device_put(adapter, sh.adapter_shardings(adapter, mesh_a, model_type="vit"))
   path = distributed.save_checkpoint(tmp_path / "adapter", saved)
   with pytest.raises(FileExistsError):
     distributed.save_checkpoint(tmp_path / "adapter", saved)
   wanted = sh.adapter_shardings(adapter, mesh_b, model_type="vit", preset="fsdp_tp")
   restored = distributed.restore_checkpoint(path, adapter, wanted)
-  _assert_shardings(restored, wanted)
+  assert_shardings(restored, wanted)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                restored, adapter)
 
@@ -441,7 +372,7 @@ def test_model_checkpoint_restores_onto_another_mesh(vit, tmp_path):
   abstract = nnx.state(nnx.eval_shape(lambda: ViTForImageClassification(VIT, rngs=nnx.Rngs(0))))
   wanted = sh.state_shardings(abstract, mesh_b, model_type="vit", preset="tp")
   restored = distributed.restore_checkpoint(path, abstract, wanted)
-  _assert_shardings(restored, wanted)
+  assert_shardings(restored, wanted)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                restored, nnx.state(vit))
   assert restored["vit"]["layers"][0]["mlp"]["fc1"]["kernel"][...].sharding.spec == \
@@ -505,203 +436,3 @@ def test_distributed_rejects_bad_flags(argv, message):
   with pytest.raises(ValueError, match=message):
     distributed.maybe_initialize_distributed(_args(*argv), environ={}, initialize=rec)
   assert rec.calls == []
-
-
-# --- The solver with its batch axis sharded ---------------------------------------------------
-
-def _solver_problem(dtype, shared, seed=8):
-  rng = np.random.default_rng(seed)
-  targets = jnp.asarray(rng.normal(size=(8, 9)), dtype)
-  refs = jnp.asarray(rng.normal(size=(5, 9) if shared else (8, 5, 9)), dtype)
-  return refs, targets
-
-
-@pytest.mark.parametrize("shared, constraint, lam", [(True, "affine", 0.5),
-                                                     (False, "simplex", 0.0)])
-def test_sharded_solve_equals_single_device_float32(shared, constraint, lam):
-  """Independent per-device loops: exactly the single-device solve of each device's block."""
-  mesh = sh.make_mesh("data=4,model=2")
-  refs, targets = _solver_problem(jnp.float32, shared)
-  out = sh.sharded_solve(refs, targets, lam, mesh, constraint=constraint, independent=True)
-  blocks = [sparse_simplex.solve(refs if shared else refs[i:i + 2], targets[i:i + 2], lam,
-                                 constraint=constraint) for i in range(0, 8, 2)]
-  single = jax.tree.map(lambda *xs: jnp.concatenate(xs), *blocks)
-  jax.tree.map(_assert_close, out, single)
-  for x in jax.tree.leaves(out):
-    assert x.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), x.ndim)
-  assert np.all(np.asarray(out.status) == sparse_simplex.CONVERGED)
-
-
-@pytest.mark.slow
-def test_sharded_solve_equals_whole_batch_solve():
-  """Against the single-device solve of the whole batch. Grouping the batch differently
-  changes the solver's batch-wide polish/stop decisions, so in float32 the two agree to
-  the solver's tolerance (below); in float64 they agree to rounding."""
-  mesh = sh.make_mesh("data=4,model=2")
-  for dtype in (jnp.float64, jnp.float32):
-    with jax.enable_x64(dtype == jnp.float64):
-      refs, targets = _solver_problem(dtype, shared=True, seed=9)
-      out = sh.sharded_solve(refs, targets, 0.5, mesh, independent=False)
-      single = sparse_simplex.solve(refs, targets, 0.5)
-      assert out.weights.dtype == dtype
-      assert out.weights.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
-      tol = 1e-9 if dtype == jnp.float64 else 1e-6
-      _assert_close(out.weights, single.weights, tol)
-      _assert_close(out.objective, single.objective, tol)
-
-
-def test_sharded_solve_rejects_bad_batches():
-  mesh = sh.make_mesh("data=4,model=2")
-  refs, targets = _solver_problem(jnp.float32, shared=True)
-  with pytest.raises(ValueError, match="do not split over mesh axis 'data'"):
-    sh.sharded_solve(refs, targets[:6], 0.0, mesh)
-  with pytest.raises(ValueError, match="refs must be"):
-    sh.sharded_solve(refs[:, :4], targets, 0.0, mesh)
-  with pytest.raises(ValueError, match="not a mesh axis"):
-    sh.sharded_solve(refs, targets, 0.0, mesh, axis="batch")
-
-
-# --- Two real processes (jax.distributed over localhost, gloo collectives) --------------------
-
-_WORKER = r'''
-import argparse, json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-from rpe_jax import distributed
-parser = argparse.ArgumentParser()
-distributed.add_mesh_args(parser)
-parser.add_argument("--out")
-args = parser.parse_args()
-joined = distributed.maybe_initialize_distributed(args)
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
-from models.lora import LoRA
-from rpe_jax import compose, sharding as sh
-mesh = distributed.mesh_from_args(args)
-rng = np.random.default_rng(0)
-ads = [{"q": LoRA(jnp.asarray(rng.normal(size=(16, 2)), jnp.float32),
-                  jnp.asarray(rng.normal(size=(2, 8)), jnp.float32))} for _ in range(8)]
-w = jnp.asarray(rng.normal(size=8), jnp.float32)
-placed = sh.place_library(sh.stack_adapters(ads), mesh, "data")
-out = sh.sharded_combine(placed, w, mesh, rank=3)["q"]
-ref = compose.combine(ads, w, rank=3)["q"]
-delta = lambda l: (np.asarray(l.a, np.float64) * np.asarray(l.e)) @ np.asarray(l.b, np.float64)
-err = float(np.abs(delta(out) - delta(ref)).max() / np.abs(delta(ref)).max())
-path = distributed.save_checkpoint(os.path.join(args.out, "ckpt"), placed)
-other = sh.make_mesh("data=2,model=4")
-restored = distributed.restore_checkpoint(path, placed, sh.library_shardings(placed, other))
-gathered = multihost_utils.process_allgather(restored["q"].a, tiled=True)
-same = bool(np.array_equal(np.asarray(gathered), np.asarray(sh.stack_adapters(ads)["q"].a)))
-print("RESULT " + json.dumps(dict(joined=joined, processes=jax.process_count(),
-      devices=jax.device_count(), local=jax.local_device_count(), err=err, same=same,
-      primary=distributed.is_primary(), spec=str(restored["q"].a.sharding.spec))))
-'''
-
-
-@pytest.mark.slow
-def test_two_processes_compose_and_checkpoint(tmp_path):
-  """The real jax.distributed path: 2 processes × 4 CPU devices = one 8-device mesh."""
-  import json
-  import os
-  import pathlib
-  import socket
-  import subprocess
-  import sys
-  worker = tmp_path / "worker.py"
-  worker.write_text(_WORKER)
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  root = str(pathlib.Path(__file__).resolve().parents[1])
-  env = {**os.environ, "PYTHONPATH": root}
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(
-      [sys.executable, str(worker), "--coordinator", f"localhost:{port}", "--num-processes",
-       "2", "--process-id", str(i), "--mesh", "data=8", "--out", str(tmp_path)],
-      env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  results = []
-  for p, text in zip(procs, outputs):
-    assert p.returncode == 0, text[-3000:]
-    results.append(json.loads(next(l for l in text.splitlines() if l.startswith("RESULT "))[7:]))
-  assert [r["primary"] for r in results] == [True, False]
-  for r in results:
-    assert r["joined"] and r["processes"] == 2 and r["devices"] == 8 and r["local"] == 4
-    assert r["err"] < TOL and r["same"]
-    assert r["spec"] == str(P("data"))
-
-
-# --- The CLI: python -m rpe_jax.compose --mesh ------------------------------------------------
-
-def _cli_library(tmp_path):
-  """A 5-adapter library and a target prototype; returns the common CLI arguments."""
-  from rpe_jax.library import Library
-  rng = np.random.default_rng(0)
-  lib = Library.create(tmp_path / "lib")
-  for i in range(5):
-    adapter = {p: LoRA(rng.normal(size=(8, 2)).astype(np.float32),
-                       rng.normal(size=(2, 4)).astype(np.float32)) for p in ("l0.q", "l1.q")}
-    lib.add(f"site{i}", adapter, (rng.normal(size=6) + 3).astype(np.float32),
-            base_model="toy", encoder="toy-enc", n_samples=10)
-  lib.close()
-  np.save(tmp_path / "z.npy", (rng.normal(size=6) + 3).astype(np.float32))
-  return ["--library", str(tmp_path / "lib"), "--prototype", str(tmp_path / "z.npy"),
-          "--k", "3", "--strategy", "lin", "--rank", "3"]
-
-
-def _assert_same_adapter_file(got, want):
-  from rpe_jax import adapter_file
-  got, _ = adapter_file.load_adapter(got / "composed" / "adapter.safetensors")
-  want, _ = adapter_file.load_adapter(want / "composed" / "adapter.safetensors")
-  assert sorted(to_flat(got)) == sorted(to_flat(want))
-  for path, leaf in to_flat(got).items():
-    _assert_close(_delta64(leaf), _delta64(to_flat(want)[path]))
-    _assert_close(leaf.e, to_flat(want)[path].e)
-
-
-def test_compose_cli_on_a_mesh_equals_single_device(tmp_path, capsys):
-  from rpe_jax.pipeline import main
-  common = _cli_library(tmp_path)
-  assert main(common + ["--out", str(tmp_path / "one")]) == 0
-  assert main(common + ["--out", str(tmp_path / "mesh"), "--mesh", "data=4,model=2"]) == 0
-  _assert_same_adapter_file(tmp_path / "mesh", tmp_path / "one")
-  capsys.readouterr()
-  assert main(common + ["--mesh", "data=3"]) == 2
-  assert "does not divide" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_compose_cli_across_two_processes(tmp_path, capsys):
-  """`python -m rpe_jax.compose --mesh data=8 --coordinator ...` on 2 processes × 4 CPU
-  devices: process 0 writes the single-device result, process 1 writes nothing."""
-  import os
-  import pathlib
-  import socket
-  import subprocess
-  import sys
-  from rpe_jax.pipeline import main
-  common = _cli_library(tmp_path)
-  assert main(common + ["--out", str(tmp_path / "one")]) == 0
-  capsys.readouterr()
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  root = str(pathlib.Path(__file__).resolve().parents[1])
-  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "rpe_jax.compose", *common, "--mesh", "data=8", "--coordinator",
-       f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
-       "--out", str(tmp_path / f"out{i}"), "--json"],
-      env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, text in zip(procs, outputs):
-    assert p.returncode == 0, text[-3000:]
-  _assert_same_adapter_file(tmp_path / "out0", tmp_path / "one")
-  assert not (tmp_path / "out1").exists()
