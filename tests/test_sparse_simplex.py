@@ -87,19 +87,15 @@ def lam_grid(Z, n):
   return np.where(scale > 0, lam * scale, lam)
 
 
-def check_against_clarabel(clarabel, Z, z, lam, constraint, sol, degenerate=False):
-  """degenerate (k > d): a member may stop at max_iter (tiny λ, an LP-like problem); it must
-  then say so, and its certified gap must still bound its true excess."""
+def check_against_clarabel(clarabel, Z, z, lam, constraint, sol):
+  """Every member converged, within 1e-9·max(1, |P*|) of Clarabel, feasible, certified."""
   lam = np.broadcast_to(lam, z.shape[:1])
   for i in range(len(z)):
     p_star, _ = clarabel(Z[i], z[i], lam[i], constraint)
     w = np.asarray(sol.weights[i])
     ours = objective(Z[i], z[i], w, lam[i])
     tol = 1e-9 * max(1.0, abs(p_star))
-    if degenerate and int(sol.status[i]) == ss.MAX_ITER:
-      assert p_star - tol <= ours <= p_star + float(sol.gap[i]) + tol, (i, ours, p_star, float(sol.gap[i]))
-      continue
-    assert int(sol.status[i]) == ss.CONVERGED
+    assert int(sol.status[i]) == ss.CONVERGED, (i, ss.status_name(sol.status[i]), lam[i])
     assert abs(ours - p_star) <= tol, (i, ours, p_star, lam[i])
     assert abs(float(sol.objective[i]) - ours) <= tol, (i, float(sol.objective[i]), ours)
     assert abs(w.sum() - 1) <= 1e-12
@@ -107,8 +103,6 @@ def check_against_clarabel(clarabel, Z, z, lam, constraint, sol, degenerate=Fals
       assert w.min() >= -1e-15
     # the certificate is an upper bound on the true excess
     assert ours - p_star <= float(sol.gap[i]) + tol
-  if not degenerate:
-    assert np.all(np.asarray(sol.status) == ss.CONVERGED), ss.status_name(sol.status)
 
 
 # --------------------------------------------------------------------------- fast tier
@@ -340,7 +334,7 @@ def test_matches_clarabel_sweep(clarabel, k, d, constraint):
   Z, z = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
   lam = lam_grid(Z, len(z)) if constraint == "affine" else 0.0
   sol = ss.solve(Z, z, lam, constraint=constraint)
-  check_against_clarabel(clarabel, Z, z, lam, constraint, sol, degenerate=k > d)
+  check_against_clarabel(clarabel, Z, z, lam, constraint, sol)  # k > d included (LP-like)
 
 
 @pytest.mark.slow
@@ -362,3 +356,30 @@ def test_median_iterations_well_posed():
       sol = ss.solve(Z, z, lam * scale)
       assert np.all(np.asarray(sol.status) == ss.CONVERGED)
       assert np.median(sol.iterations) <= 30, (k, lam, np.median(sol.iterations))
+
+
+@pytest.mark.slow
+def test_large_ill_conditioned_batch_finishes():
+  """A batch big enough that jaxlib fans its batched LAPACK kernels out over the CPU thread
+  pool, solved twice in a fresh process: with two independent triangular solves side by
+  side in the polish this deadlocked every time on a 2-core machine (jax 0.10.2). Run in a
+  subprocess so a deadlock fails the test instead of hanging the suite."""
+  code = """
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+from solvers import sparse_simplex as ss
+rng = np.random.default_rng(0)
+B, k, d = 1000, 64, 768
+u = 10 * rng.standard_normal(d)
+A = rng.standard_normal((d, 16)) * (0.7 ** np.arange(16))
+Z = u + rng.standard_normal((B, k, 16)) @ A.T + 0.3 * rng.standard_normal((B, k, d))
+z = u + rng.standard_normal((B, 16)) @ A.T + 0.3 * rng.standard_normal((B, d))
+Zc = Z - Z.mean(1, keepdims=True)
+lam = 0.01 * np.mean(np.sum(Zc ** 2, -1))
+for _ in range(2):
+  sol = ss.solve(Z, z, lam)
+print(int((np.asarray(sol.status) == ss.CONVERGED).sum()))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == "1000", out.stdout
