@@ -238,10 +238,15 @@ def qpax_fn(G, c, lam):
 
 def run_config(B, k, d, kind, dtype, args):
   rows = []
-  note = lambda **kw: rows.append(dict(B=B, k=k, d=d, kind=kind, dtype=dtype, **kw))
+  def note(**kw):
+    rows.append(dict(B=B, k=k, d=d, kind=kind, dtype=dtype, **kw))
+    t = kw.get("t_prob")
+    print(f"  {kw['method']}: " + (f"{t * 1e3:.4g} ms/problem" if t else kw.get("notes", "")), flush=True)
+
   Z, z, lam = make_data(B, k, d, kind, dtype)
   gram = centred_gram64(Z, z)
   Zj, zj = jnp.asarray(Z), jnp.asarray(z)
+  print("  float64 reference solves ...", flush=True)
   # reference: our float64 solve on the same (dtype-rounded) numbers
   ref = ss.solve_gram(*gram, lam)  # centred float64 Gram: an independent route from solve()
   ref_s = ss.solve_gram(*gram, lam, constraint="simplex")
