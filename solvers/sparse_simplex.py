@@ -74,6 +74,7 @@ import numpy as np
 from jax import lax
 
 from solvers import prox
+from solvers.active_set import kkt_factor, kkt_solve_linear, mv as _mv, polish as _polish
 
 CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
 STATUS_NAMES = ("converged", "max_iter", "nonfinite")
@@ -118,10 +119,6 @@ def status_name(status):
 
 
 # --------------------------------------------------------------------------- Gram form
-
-
-def _mv(G, w):
-  return jnp.einsum("...ij,...j->...i", G, w, precision=lax.Precision.HIGHEST)
 
 
 def _centred_gram(refs, target):
@@ -220,134 +217,6 @@ def _certificate(w, Gw, c, s, lam, gabs, simplex):
 
 def _prox(v, tau, mu, simplex):
   return prox.project_simplex_warm(v, mu) if simplex else prox.prox_l1_affine_warm(v, tau, mu)
-
-
-def _kkt_factor(G, w, simplex):
-  """Cholesky of 2(G̃ + ρ11ᵀ) + δI on the support of w (identity elsewhere), H, support, signs.
-
-  The tiny ridge δ lets a singular block (k > d, duplicates) factor; one step of iterative
-  refinement against the unridged H in ``_kkt_solve`` removes its bias where H is regular.
-  """
-  S = w > 0 if simplex else w != 0
-  return _kkt_factor_on(G, S), S, jnp.sign(w)
-
-
-def _kkt_factor_on(G, S):
-  """(Cholesky of the ridged block, H) of ``_kkt_factor`` for an explicit support S."""
-  k = G.shape[-1]
-  rho = jnp.trace(G, axis1=-2, axis2=-1) / k
-  H = jnp.where(S[..., :, None] & S[..., None, :], 2 * (G + rho[..., None, None]), 0)
-  delta = 64 * jnp.finfo(G.dtype).eps * jnp.abs(H).max((-1, -2)) + jnp.finfo(G.dtype).tiny
-  eye = jnp.eye(k, dtype=G.dtype)
-  Hr = H + jnp.where(S, delta[..., None], 1)[..., None] * eye
-  return jax.scipy.linalg.cho_factor(Hr, lower=True), H
-
-
-def _refined_solve(cf, S, Y):
-  """X with H X = Y on S (columns of Y [..., k, m]), one step of iterative refinement."""
-  (cf, H) = cf
-  Y = jnp.where(S[..., None], Y, 0)
-  X = jax.scipy.linalg.cho_solve(cf, Y)
-  X = X + jax.scipy.linalg.cho_solve(cf, Y - jnp.einsum("...ij,...jm->...im", H, X, precision=lax.Precision.HIGHEST))
-  return jnp.where(S[..., None], X, 0)
-
-
-def _kkt_solve(cf, S, rhs):
-  """x with H x = r + ν1 on S, 1ᵀx_S = t (rhs = (r, t)), x = 0 off S.
-
-  Both right-hand sides go through one chain of triangular solves: jaxlib's batched LAPACK
-  kernels block a thread-pool worker while they fan out, and two independent solves
-  scheduled side by side on a 2-thread CPU pool deadlock (seen with jax 0.10.2).
-  """
-  r, t = rhs
-  X = _refined_solve(cf, S, jnp.stack([r, jnp.ones_like(r)], -1))
-  a, b = X[..., 0], X[..., 1]
-  nu = (t - a.sum(-1)) / b.sum(-1)
-  return a + nu[..., None] * b
-
-
-def _kkt_solve_linear(cf, S, r):
-  """``_kkt_solve`` with t = 0, written so that it is linear in r (reverse mode transposes
-  it): the 1-column solve is a constant, sequenced before the r solve by a data dependency
-  so the two LAPACK chains never run side by side (see ``_kkt_solve``; ``optimization_barrier``
-  would say it better but has no transpose rule here)."""
-  b = _refined_solve(cf, S, jnp.ones_like(r)[..., None])[..., 0]
-  r = r + 0 * b  # a data dependency (XLA keeps 0·x for floats): the r solve waits for b
-  a = _refined_solve(cf, S, r[..., None])[..., 0]
-  return a - (a.sum(-1) / b.sum(-1))[..., None] * b
-
-
-def _polish(G, c, lam, w, simplex):
-  """A primal active-set method started from w's support and signs (S, σ).
-
-  Each round solves the KKT system on the face (S, σ) (``_polish_step``):
-  * if the face's minimiser breaks a sign, step towards it up to the first sign change and
-    drop that index (the objective decreases along the step);
-  * otherwise move to it and, if some index off S violates optimality by more than
-    rounding (affine: |gᵢ − ν| > λ; simplex: gᵢ < ν), add the worst one with the sign
-    that decreases the objective, and go on; with no violation the point is optimal.
-  So a support far larger than the optimum's (k > d with a tiny λ: an LP-like problem
-  whose flat directions FISTA crawls along at λ/L per step) is pruned, and one that is a
-  few indices off is completed, in one polish. Rounds stop when every member is optimal or
-  fails (or after 2k rounds, against cycling on degenerate faces), so a batch whose
-  supports FISTA has already found pays for one round.
-  Returns (point, usable, optimal face reached).
-  """
-  k = w.shape[-1]
-  S = w > 0 if simplex else w != 0
-  sig = jnp.where(S, 1.0, 0.0).astype(w.dtype) if simplex else jnp.sign(w)
-  w, S, sig, ok, done = _polish_step(G, c, lam, w, S, sig, simplex)
-
-  def cond(carry):
-    r, _, _, _, ok, done = carry
-    return (r < 2 * k) & jnp.any(ok & ~done)
-
-  def body(carry):
-    r, w, S, sig, ok, done = carry
-    wn, Sn, sign, okn, donen = _polish_step(G, c, lam, w, S, sig, simplex)
-    step = (ok & ~done & okn)
-    sel = lambda a, b: jnp.where(step.reshape(step.shape + (1,) * (a.ndim - 1)), a, b)
-    return r + 1, sel(wn, w), sel(Sn, S), sel(sign, sig), ok, done | ~okn | step & donen
-
-  _, w, _, _, ok, done = lax.while_loop(cond, body, (jnp.ones((), jnp.int32), w, S, sig, ok, done))
-  return w, ok, done
-
-
-def _polish_step(G, c, lam, w, S, sig, simplex):
-  """One active-set round on the face (S, σ) (see ``_polish``).
-
-  Returns (point, support, signs, usable, optimal)."""
-  cf = _kkt_factor_on(G, S)
-  # λσ = λ1 − 2λ[σ < 0]; the λ1 part only moves ν, and dropping it keeps a huge λ exact.
-  r = 2 * c if simplex else 2 * c + 2 * lam[..., None] * (sig < 0)
-  wp = _kkt_solve(cf, S, (r, jnp.ones_like(lam)))
-  cross = S & (sig * wp < 0)
-  ti = jnp.where(cross, w / jnp.where(cross, w - wp, 1), 1)
-  t = jnp.clip(ti.min(-1), 0, 1)
-  full = ~jnp.any(cross, -1)
-  wn = jnp.where(full[..., None], wp, w + t[..., None] * (wp - w))
-  leave = cross & (ti <= t[..., None])  # the index that hits zero leaves
-  wn = jnp.where(leave, 0, wn)
-  keep = S & ~leave
-  n = keep.sum(-1)
-  moved = keep & (wn != 0)  # Σw = 1 to rounding; a just-added index still at 0 stays there
-  wn = jnp.where(keep, wn + jnp.where(moved, ((1 - wn.sum(-1)) / jnp.maximum(moved.sum(-1), 1))[..., None], 0), 0)
-  # optimality off the face at the face minimiser: gᵢ − ν against λ (ν from the face)
-  g = 2 * (_mv(G, wn) - c)
-  gs = g if simplex else g + lam[..., None] * sig
-  nu = jnp.where(keep, gs, 0).sum(-1) / jnp.maximum(n, 1)
-  dev = g - nu[..., None]
-  viol = jnp.where(keep, -jnp.inf, -dev if simplex else jnp.abs(dev) - lam[..., None])
-  scale = lam + jnp.abs(g).max(-1) + jnp.abs(nu)
-  j = jnp.argmax(viol, -1)
-  add = full & (jnp.take_along_axis(viol, j[..., None], -1)[..., 0] > jnp.sqrt(jnp.finfo(w.dtype).eps) * scale)
-  onehot = add[..., None] & (jnp.arange(w.shape[-1]) == j[..., None])
-  Sn = keep | onehot
-  sign = jnp.where(onehot, 1.0 if simplex else -jnp.sign(dev), jnp.where(keep, sig, 0)).astype(w.dtype)
-  ok = jnp.all(jnp.isfinite(wn), -1) & (n > 0)
-  if simplex:
-    ok &= jnp.all(wn >= 0, -1)
-  return jnp.where(ok[..., None], wn, w), Sn, sign, ok, full & ~add
 
 
 # --------------------------------------------------------------------------- iteration
@@ -454,11 +323,11 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
 def _tangents(G, c, lam, w, dG, dc, ds, dlam, constraint):
   """(dw, dF) by implicit differentiation of the active-set KKT system (module docstring)."""
   simplex = constraint == "simplex"
-  cf, S, sig = _kkt_factor(G, w, simplex)
+  cf, S, sig = kkt_factor(G, w, simplex)
   r = 2 * dc - 2 * _mv(dG, w)
   if not simplex:
     r = r + 2 * dlam[..., None] * (sig < 0)  # dλσ up to a multiple of 1 (absorbed by dν)
-  dw = _kkt_solve_linear(cf, S, r)
+  dw = kkt_solve_linear(cf, S, r)
   dF = (w * _mv(dG, w)).sum(-1) - 2 * (dc * w).sum(-1) + ds + dlam * jnp.abs(w).sum(-1)
   return dw, dF
 
