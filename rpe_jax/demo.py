@@ -35,14 +35,32 @@ HELD_OUT = "scanner"
 STRATEGIES = ("nearest", "avg", "sim", "lin", "sparse")
 ADAPTER_EPOCHS = 6
 SEED = 0
+# Test-only: RPE_JAX_DEMO_SIZE=tiny runs this same code path at a reduced size (16-px images,
+# a 2-layer width-32 ViT, one epoch each) so that tests/test_demo.py takes seconds; the size
+# is part of the recipe key, so it never shares a cache folder with the real demo.
+SIZE_ENV = "RPE_JAX_DEMO_SIZE"
+
+
+def _size() -> dict:
+  """The demo's sizes: image side, foundation ViT config (None: the default), epochs."""
+  if os.environ.get(SIZE_ENV, "") == "tiny":
+    import dataclasses
+    from rpe_jax.train import foundation_config
+    config = dataclasses.replace(foundation_config(16), hidden_size=32, num_hidden_layers=2,
+                                 intermediate_size=64)
+    return {"image_size": 16, "model_config": config, "foundation_epochs": 1,
+            "adapter_epochs": 1}
+  return {"image_size": 32, "model_config": None, "foundation_epochs": 8,
+          "adapter_epochs": ADAPTER_EPOCHS}
 
 
 def _recipe_key() -> str:
   """A short hash of everything that shapes the cached models, so a change rebuilds them."""
   from rpe_jax import data
   from rpe_jax.train import FOUNDATION_SITES, foundation_config
+  size = _size()
   recipe = repr((foundation_config(), FOUNDATION_SITES, sorted(data.SITES.items()),
-                 ADAPTER_EPOCHS, SEED))
+                 ADAPTER_EPOCHS, SEED) + ((size,) if size["model_config"] else ()))
   return hashlib.sha256(recipe.encode()).hexdigest()[:10]
 
 
@@ -55,7 +73,8 @@ def cache_dir() -> Path:
 
 
 def _site_uri(site: str) -> str:
-  return f"sites:digits/{site}"
+  image_size = _size()["image_size"]
+  return f"sites:digits/{site}" + (f":{image_size}" if image_size != 32 else "")
 
 
 def _build_atomically(final: Path, build) -> Path:
@@ -84,7 +103,11 @@ def foundation():
     from rpe_jax.train import pretrain_foundation
 
     def build(tmp):
-      model, record = pretrain_foundation(seed=SEED, progress=True)
+      size = _size()
+      model, record = pretrain_foundation(seed=SEED, progress=True,
+                                          epochs=size["foundation_epochs"],
+                                          image_size=size["image_size"],
+                                          model_config=size["model_config"])
       hf.save(model, tmp)
       (tmp / "record.json").write_text(json.dumps(
           {"best_val_accuracy": record.best_val_accuracy, "best_epoch": record.best_epoch}))
@@ -103,7 +126,7 @@ def library(model):
 
     def build(tmp):
       lib = Library.create(tmp)
-      config = TrainConfig(rank=4, epochs=ADAPTER_EPOCHS, lr=3e-3, seed=SEED)
+      config = TrainConfig(rank=4, epochs=_size()["adapter_epochs"], lr=3e-3, seed=SEED)
       for site in data.SITES:
         splits = data.load_splits(_site_uri(site), seed=SEED)
         result = train_adapter(model, splits.train, splits.val, config, progress=True)
