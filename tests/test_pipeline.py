@@ -41,9 +41,36 @@ def _dense(tree):
       if hasattr(leaf, "e") else np.asarray(leaf.b, np.float64)) for p, leaf in flat.items()}
 
 
+def _kkt_lin(Z, z):
+  """Oracle for ``lin``: argmin ‖z − Σ w_i z_i‖² s.t. Σ w = 1, from the KKT system
+  [2G 1; 1ᵀ 0] [w; ν] = [2c; 1] (G = Z Zᵀ, c = Z z), solved in float64 numpy on vectors
+  centred on the references' mean (the same minimiser under Σ w = 1, better conditioned)."""
+  Z, z = np.asarray(Z, np.float64), np.asarray(z, np.float64)
+  m = Z.mean(0)
+  Zc, zc = Z - m, z - m
+  k = len(Z)
+  A = np.block([[2 * Zc @ Zc.T, np.ones((k, 1))], [np.ones((1, k)), np.zeros((1, 1))]])
+  return np.linalg.solve(A, np.concatenate([2 * Zc @ zc, [1.0]]))[:k]
+
+
+def _nearest(protos, z, k):
+  """Oracle for retrieval: names and squared distances of the k nearest, float64 numpy."""
+  names = sorted(protos)
+  d2 = np.array([((np.float64(z) - np.float64(protos[n])) ** 2).sum() for n in names])
+  order = np.argsort(d2, kind="stable")[:k]
+  return [names[i] for i in order], d2[order]
+
+
+def _rel(x, y):
+  return np.linalg.norm(x - y) / np.linalg.norm(y)
+
+
 def test_compose_writes_the_exact_composition_and_report(library, tmp_path, capsys):
   path, protos, adapters = library
-  target = 0.6 * protos["site1"] + 0.4 * protos["site3"]
+  rng = np.random.default_rng(1)
+  # Off the span of any two prototypes, so that every retrieved adapter has a weight.
+  target = (0.6 * protos["site1"] + 0.4 * protos["site3"] + 0.3 * rng.normal(size=D)
+            ).astype(np.float32)
   np.save(tmp_path / "z.npy", target)
   out = tmp_path / "out"
   code = main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "3",
@@ -51,21 +78,25 @@ def test_compose_writes_the_exact_composition_and_report(library, tmp_path, caps
   assert code == 0
   report = json.loads(capsys.readouterr().out)
   [t] = report["targets"]
-  # Independent check of retrieval: the 3 nearest by squared distance, in numpy.
-  names = sorted(protos)
-  d2 = np.array([((target - protos[n]) ** 2).sum() for n in names])
-  assert t["retrieved"] == [names[i] for i in np.argsort(d2, kind="stable")[:3]]
-  np.testing.assert_allclose(t["sqdist"], np.sort(d2)[:3], rtol=1e-3)
-  # lin reconstructs an exact affine combination of two retrieved prototypes.
-  w = dict(zip(t["retrieved"], t["weights"]))
-  assert w["site1"] == pytest.approx(0.6, abs=1e-3) and w["site3"] == pytest.approx(0.4, abs=1e-3)
-  assert t["solver_status"] == "converged"
-  # The written adapter is Σ w_i a_i b_i, checked densely in float64.
+  names, d2 = _nearest(protos, target, 3)
+  assert t["retrieved"] == names
+  # float32 squared distances from differences: a few ulps of each term, rtol 1e-5.
+  np.testing.assert_allclose(t["sqdist"], d2, rtol=1e-5)
+  w = _kkt_lin(np.stack([protos[n] for n in names]), target)
+  # The float32 solver ends with an exact KKT solve on float32 inputs: weights of order 1
+  # agree to ~1e-6 (cond(Gc)·eps32 here); 2e-5 leaves room for the conditioning.
+  np.testing.assert_allclose(t["weights"], w, rtol=0, atol=2e-5)
+  assert np.all(np.abs(w) > 1e-2)   # every retrieved adapter matters
+  assert t["composed"] == names and t["solver_status"] == "converged"
+  # The written adapter is Σ w_i a_i b_i over ALL retrieved adapters with the oracle's
+  # weights, densely in float64 from the adapters that went into the library. float32
+  # products and the weights' 2e-5 error allow a relative Frobenius error of 1e-4 at most.
   tree, _ = adapter_file.load_adapter(out / "composed" / "adapter.safetensors")
   got = _dense(tree)
+  assert set(got) == set(PATHS)
   for p in PATHS:
-    expected = sum(w[n] * _dense(adapters[n])[p] for n in t["composed"])
-    np.testing.assert_allclose(got[p], expected, rtol=1e-4, atol=1e-4)
+    expected = sum(wi * _dense(adapters[n])[p] for wi, n in zip(w, names))
+    assert _rel(got[p], expected) < 1e-4, p
   on_disk = json.loads((out / "report.json").read_text())
   assert on_disk["targets"][0]["weights"] == t["weights"]
   assert set(on_disk["timings_s"]) >= {"retrieve", "weigh", "combine", "write"}
@@ -79,18 +110,90 @@ def test_several_targets_in_one_call_and_table_output(library, tmp_path, capsys)
                "--strategy", "nearest", "--exclude", "site2"])
   assert code == 0
   text = capsys.readouterr().out
-  assert "| adapter" in text and "zs[0]" in text and "zs[1]" in text
+  # One table per target, in order, each listing its own 2 nearest (site2 left out) with
+  # nearest's one-hot weight on the closest.
+  tables = text.split("target: ")[1:]
+  assert [tb.splitlines()[0] for tb in tables] == ["zs[0]", "zs[1]"]
+  kept = {n: p for n, p in protos.items() if n != "site2"}
+  for tb, z in zip(tables, batch):
+    rows = [line.split("|")[1:4] for line in tb.splitlines()[3:] if line.startswith("| ")]
+    names, _ = _nearest(kept, z, 2)
+    assert [r[0].strip() for r in rows] == names
+    assert [float(r[2]) for r in rows] == [1.0, 0.0]
   assert "site2" not in text
 
 
-def test_rank_truncation_bounds_the_rank(library, tmp_path):
-  path, protos, _ = library
-  np.save(tmp_path / "z.npy", protos["site2"] + 0.1)
+def test_several_targets_with_out_write_one_folder_each(library, tmp_path, capsys):
+  path, protos, adapters = library
+  batch = np.stack([protos["site0"] + 0.01, protos["site3"] - 0.01, protos["site1"]])
+  np.save(tmp_path / "zs.npy", batch[:2])
+  np.save(tmp_path / "one.npy", batch[2])
+  out = tmp_path / "out"
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "zs.npy"),
+               "--prototype", str(tmp_path / "one.npy"), "--k", "2", "--strategy",
+               "nearest", "--out", str(out), "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert sorted(p.name for p in out.iterdir()) == ["report.json", "target-0", "target-1",
+                                                   "target-2"]
+  assert [t["target"] for t in report["targets"]] == ["zs[0]", "zs[1]", "one"]
+  for i, z in enumerate(batch):
+    names, _ = _nearest(protos, z, 2)
+    assert report["targets"][i]["retrieved"] == names
+    tree, meta = adapter_file.load_adapter(out / f"target-{i}" / "adapter.safetensors")
+    assert meta["target"] == report["targets"][i]["target"]
+    # nearest: the written adapter is the nearest site's own adapter, exactly.
+    got, expected = _dense(tree), _dense(adapters[names[0]])
+    for p in PATHS:
+      np.testing.assert_array_equal(got[p], expected[p])
+
+
+def _svd_truncate(x, rank):
+  u, s, vt = np.linalg.svd(x, full_matrices=False)
+  return (u[:, :rank] * s[:rank]) @ vt[:rank], s
+
+
+def test_rank_truncation_matches_the_float64_svd(library, tmp_path, capsys):
+  path, protos, adapters = library
+  z = protos["site2"] + 0.1
+  np.save(tmp_path / "z.npy", z)
   out = tmp_path / "out"
   assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "4",
-               "--strategy", "avg", "--rank", "2", "--out", str(out)]) == 0
+               "--strategy", "avg", "--rank", "2", "--out", str(out), "--json"]) == 0
+  names, _ = _nearest(protos, z, 4)
+  assert json.loads(capsys.readouterr().out)["targets"][0]["retrieved"] == names
   tensors, _ = adapter_file.read_tensors(out / "composed" / "adapter.safetensors")
-  assert all(v.shape[-1] == 2 for k, v in tensors.items() if k.endswith(".a"))
+  for p in PATHS:
+    assert tensors[f"{p}.a"].shape == (6, 2) and tensors[f"{p}.b"].shape == (2, 5)
+  got = _dense(adapter_file.load_adapter(out / "composed" / "adapter.safetensors")[0])
+  for p in PATHS:
+    full = sum(0.25 * _dense(adapters[n])[p] for n in names)
+    expected, s = _svd_truncate(full, 2)
+    assert s[2] > 1e-3 * s[0]   # the truncation really drops something
+    # A float32 SVD of the rank-≤12 composition: 1e-5 relative (eps32·σ1/gap, gap ≫ 0 here).
+    assert _rel(got[p], expected) < 1e-5, p
+
+
+def test_energy_truncation_keeps_the_smallest_rank_reaching_the_share(library, tmp_path):
+  path, protos, adapters = library
+  z = protos["site2"] + 0.1
+  np.save(tmp_path / "z.npy", z)
+  out = tmp_path / "out"
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "4",
+               "--strategy", "avg", "--energy", "0.9", "--out", str(out)]) == 0
+  names, _ = _nearest(protos, z, 4)
+  tensors, _ = adapter_file.read_tensors(out / "composed" / "adapter.safetensors")
+  got = _dense(adapter_file.load_adapter(out / "composed" / "adapter.safetensors")[0])
+  for p in PATHS:
+    full = sum(0.25 * _dense(adapters[n])[p] for n in names)
+    s = np.linalg.svd(full, compute_uv=False)
+    # Med-LEGO's rule: the smallest r with Σ_{i≤r} s_i ≥ 0.9 Σ_i s_i.
+    share = np.cumsum(s) / np.sum(s)
+    rank = int(np.searchsorted(share, 0.9) + 1)
+    assert abs(share[rank - 1] - 0.9) > 1e-4   # not on the edge of a float32 rounding
+    assert rank < len(s)
+    assert tensors[f"{p}.a"].shape == (6, rank) and tensors[f"{p}.b"].shape == (rank, 5)
+    expected, _ = _svd_truncate(full, rank)
+    assert _rel(got[p], expected) < 1e-5, p
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -154,12 +257,13 @@ def test_data_target_with_hf_model_peft_output_and_merge(tmp_path, capsys):
   hf.save(model, tmp_path / "vit")
   model = hf.load(tmp_path / "vit")
   lib = Library.create(tmp_path / "lib")
+  protos = {}
   for i, site in enumerate(("clean", "blur", "noisy")):
     init_adapters(model, ("query", "value"), rank=2, rngs=nnx.Rngs(i))
     adapter = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(i), x.shape),
                            adapter_of(model))
     ds = data.load(f"sites:digits/{site}:16", "train")
-    z = prototypes.prototype(with_adapter(model, {}), ds, "cls").z
+    z = protos[site] = prototypes.prototype(with_adapter(model, {}), ds, "cls").z
     lib.add(site, adapter, z, base_model="tiny-vit", encoder="tiny-vit/cls", n_samples=len(ds),
             pooling="cls")
   lib.close()
@@ -180,6 +284,31 @@ def test_data_target_with_hf_model_peft_output_and_merge(tmp_path, capsys):
   np.testing.assert_allclose(merged(x).logits, unmerged_logits, atol=1e-4)
   # The composition is not trivial: it changes the model's output.
   assert float(jnp.abs(unmerged_logits - base(x).logits).max()) > 1e-3
+
+  # Repeated --data: each target's prototype, retrieval and lin weights against oracles.
+  uris = ["sites:digits/bias:16", "sites:digits/rotated:16"]
+  code = main(["--library", str(tmp_path / "lib"), "--model", str(tmp_path / "vit"),
+               "--data", uris[0], "--data", uris[1], "--k", "3", "--strategy", "lin",
+               "--json"])
+  assert code == 0, capsys.readouterr().err
+  report = json.loads(capsys.readouterr().out)
+  assert [t["target"] for t in report["targets"]] == uris
+  for uri, t in zip(uris, report["targets"]):
+    ds = data.load(uri, "test")
+    # Oracle prototype: the frozen model's CLS features of the whole split in one
+    # un-batched pass, averaged in float64 numpy (no streaming, padding or masking).
+    feats = np.asarray(base.features(data.Normalization.for_model(base)(ds.images), "cls"))
+    z = feats.astype(np.float64).mean(0)
+    assert t["n_samples"] == len(ds)
+    names, d2 = _nearest(protos, z, 3)
+    assert t["retrieved"] == names
+    # float32 features summed in another order: relative 1e-5 on each squared distance.
+    np.testing.assert_allclose(t["sqdist"], d2, rtol=1e-5)
+    w = _kkt_lin(np.stack([protos[n] for n in names]), z)
+    # The pipeline's z is float32 and its solve float32 (exact KKT polish): these weights
+    # are of order 1-10 and move by cond·1e-6 with z's rounding; 1e-3 absolute.
+    np.testing.assert_allclose(t["weights"], w, rtol=0, atol=1e-3)
+    assert t["solver_status"] == "converged"
 
 
 def test_orbax_format_round_trips(library, tmp_path):
