@@ -196,6 +196,35 @@ def test_energy_truncation_keeps_the_smallest_rank_reaching_the_share(library, t
     assert _rel(got[p], expected) < 1e-5, p
 
 
+def test_solver_max_iter_reaches_the_report(library, tmp_path, capsys, monkeypatch):
+  """A non-converged weight solve is reported as such, per target, in the JSON report and
+  the table. The pipeline has no solver option, so the solve is forced here: one iteration
+  and a tolerance no solve reaches, through the pipeline's own call of compute_weights."""
+  import functools
+
+  from rpe_jax import weighting
+  path, protos, _ = library
+  np.save(tmp_path / "z.npy", np.stack([protos["site1"] + 0.3, protos["site2"] - 0.2]))
+  monkeypatch.setattr(weighting, "compute_weights", functools.partial(
+      weighting.compute_weights, tol=1e-30, max_iter=1))
+  out = tmp_path / "out"
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "3",
+               "--strategy", "lin", "--out", str(out), "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert [t["solver_status"] for t in report["targets"]] == ["max_iter", "max_iter"]
+  on_disk = json.loads((out / "report.json").read_text())
+  assert [t["solver_status"] for t in on_disk["targets"]] == ["max_iter", "max_iter"]
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "3",
+               "--strategy", "lin"]) == 0
+  assert capsys.readouterr().out.count("solver max_iter") == 2
+  # The same targets without the forcing converge: the status is the solve's, not fixed.
+  monkeypatch.undo()
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "3",
+               "--strategy", "lin", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert [t["solver_status"] for t in report["targets"]] == ["converged", "converged"]
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--k", "9"], "k=9 exceeds"),
     (["--strategy", "median"], None),   # argparse rejects it (exit 2)

@@ -383,3 +383,26 @@ print(int((np.asarray(sol.status) == ss.CONVERGED).sum()))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == "1000", out.stdout
+
+
+def test_forced_max_iter_is_reported_and_leaves_the_other_members_untouched():
+  """max_iter=1 without the polish: the member that needs iterations reports MAX_ITER after
+  exactly one; members done at the start (target = the references' mean at λ = 0: w = 1/k)
+  are identical, bit for bit, to a solve without the unfinished member."""
+  rng = np.random.default_rng(7)
+  Z = rng.normal(size=(4, 6, 20))
+  z = rng.normal(size=(4, 20))
+  z[[0, 2, 3]] = Z[[0, 2, 3]].mean(1)
+  lam = np.array([0.0, 1.0, 0.0, 0.0])
+  sol = ss.solve(Z, z, lam, max_iter=1, polish=False)
+  assert list(ss.status_name(sol.status)) == ["converged", "max_iter", "converged",
+                                              "converged"]
+  assert int(sol.iterations[1]) == 1
+  # The unfinished member is not optimal: the tight reference solve is far better.
+  full = ss.solve(Z[1], z[1], 1.0)
+  assert float(sol.objective[1]) > float(full.objective) + 1e-3
+  alone = ss.solve(Z[[0, 2, 3]], z[[0, 2, 3]], lam[[0, 2, 3]], max_iter=1, polish=False)
+  for field in ("weights", "objective", "gap", "residual", "iterations", "status"):
+    np.testing.assert_array_equal(np.asarray(getattr(sol, field))[[0, 2, 3]],
+                                  np.asarray(getattr(alone, field)), err_msg=field)
+  np.testing.assert_allclose(np.asarray(sol.weights)[[0, 2, 3]], 1 / 6, rtol=0, atol=1e-12)

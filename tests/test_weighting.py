@@ -112,3 +112,19 @@ def test_shape_errors_name_the_argument():
     weighting.compute_weights(np.ones((3, 4)), np.ones(5), "avg")
   with pytest.raises(ValueError, match="k = 0"):
     weighting.compute_weights(np.ones((0, 4)), np.ones(4), "avg")
+
+
+def test_solver_max_iter_reaches_the_weights_status():
+  """A solve that cannot finish (one iteration, a tolerance no solve reaches) is reported as
+  MAX_ITER per target, next to a NONFINITE target and a closed-form strategy's CONVERGED."""
+  refs, target = _problem(3)
+  targets = np.stack([target, target + 0.5, np.full_like(target, np.nan)])
+  with jax.enable_x64(True):
+    w = weighting.compute_weights(refs, targets, "lin", tol=1e-300, max_iter=1)
+    direct = sparse_simplex.solve(refs, targets[:2], 0.0, tol=1e-300, max_iter=1)
+    avg = weighting.compute_weights(refs, targets[:2], "avg", tol=1e-300, max_iter=1)
+  assert list(sparse_simplex.status_name(w.status)) == ["max_iter", "max_iter", "nonfinite"]
+  # The weights are the solver's (not re-solved or replaced), and still sum to one.
+  np.testing.assert_allclose(w.weights[:2], direct.weights, rtol=0, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(w.weights[:2]).sum(-1), 1.0, atol=1e-12)
+  assert list(sparse_simplex.status_name(avg.status)) == ["converged", "converged"]
