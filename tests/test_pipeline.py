@@ -225,6 +225,58 @@ def test_solver_max_iter_reaches_the_report(library, tmp_path, capsys, monkeypat
   assert [t["solver_status"] for t in report["targets"]] == ["converged", "converged"]
 
 
+def test_a_late_write_failure_leaves_the_out_folder_as_it_was(library, tmp_path, capsys,
+                                                              monkeypatch):
+  """The report is the last file written; make it fail: earlier targets' adapters were
+  already staged, yet ``--out`` keeps exactly its previous content and no staging folder."""
+  from pathlib import Path
+  path, protos, _ = library
+  np.save(tmp_path / "zs.npy", np.stack([protos["site0"], protos["site3"]]))
+  out = tmp_path / "out"
+  argv = ["--library", str(path), "--prototype", str(tmp_path / "zs.npy"), "--k", "2",
+          "--strategy", "nearest", "--out", str(out)]
+  assert main(argv) == 0
+  capsys.readouterr()
+  before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  assert len(before) == 3   # target-0, target-1 and report.json
+  real_write_text, staged = Path.write_text, []
+
+  def failing_write_text(self, *args, **kwargs):
+    if self.name == "report.json" and self.parent != out:
+      staged.extend(p for p in self.parent.rglob("*.safetensors"))
+      raise OSError(28, "No space left on device", str(self))
+    return real_write_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(Path, "write_text", failing_write_text)
+  with pytest.raises(OSError, match="No space left"):
+    main(argv[:-4] + ["--k", "3", "--strategy", "avg", "--out", str(out)])
+  assert len(staged) == 2   # the failure came after both adapters were written
+  after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  assert after == before
+  assert sorted(p.name for p in out.iterdir()) == ["report.json", "target-0", "target-1"]
+
+
+def test_rpe_compose_through_the_dispatcher(library, tmp_path, capsys):
+  from rpe_jax import cli
+  path, protos, adapters = library
+  np.save(tmp_path / "z.npy", protos["site4"] + 0.01)
+  out = tmp_path / "out"
+  assert cli.main(["compose", "--library", str(path), "--prototype", str(tmp_path / "z.npy"),
+                   "--k", "2", "--strategy", "nearest", "--out", str(out), "--json"]) == 0
+  [t] = json.loads(capsys.readouterr().out)["targets"]
+  assert t["retrieved"] == _nearest(protos, protos["site4"] + 0.01, 2)[0]
+  assert t["weights"] == [1.0, 0.0]
+  got = _dense(adapter_file.load_adapter(out / "composed" / "adapter.safetensors")[0])
+  for p in PATHS:
+    np.testing.assert_array_equal(got[p], _dense(adapters["site4"])[p])
+  # Bad input through the dispatcher: exit 2, one line, nothing written.
+  assert cli.main(["compose", "--library", str(path), "--prototype", str(tmp_path / "z.npy"),
+                   "--k", "9", "--out", str(tmp_path / "out2")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "k=9" in err[0]
+  assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--k", "9"], "k=9 exceeds"),
     (["--strategy", "median"], None),   # argparse rejects it (exit 2)
