@@ -155,7 +155,7 @@ def base_and_library(args, uris, splits):
   """(model, library, head_site or None); builds (once) what the configuration needs."""
   from models import hf
   from rpe_jax import demo, prototypes
-  from rpe_jax.library import Library
+  from rpe_jax.library.catalog import Library
   from rpe_jax.pipeline import load_model
   from rpe_jax.train import TrainConfig, train_adapter
   if _uses_demo_cache(args, uris):

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/llama_speed.py --tiny     # 2 layers, hidden 64 (smoke test)
 
 Both sides get the same weights (torch ``save_pretrained`` → ``models.hf.load``) and the
-same PEFT LoRA on q/k/v/o (random non-zero lora_B, read by ``rpe_jax.peft_io``). Cases:
+same PEFT LoRA on q/k/v/o (random non-zero lora_B, read by ``rpe_jax.library.peft_io``). Cases:
 prefill (one forward over the prompt), greedy decode of ``--new-tokens`` tokens without an
 adapter and with the adapter unmerged (HF: ``PeftModel``). Decode always runs the full
 budget (no EOS), and the greedy tokens of the two sides are compared. Medians over
@@ -73,7 +73,7 @@ def llama_cases(args) -> list:
   from models import hf as hf_io
   from models import llama
   from rpe_jax.compose import with_adapter
-  from rpe_jax.peft_io import read_peft
+  from rpe_jax.library.peft_io import read_peft
 
   torch.set_num_threads(args.threads)
   prompt_len = getattr(args, "prompt_len", 32)

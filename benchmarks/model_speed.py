@@ -6,7 +6,7 @@
 
 Both sides get the same weights (the torch model is saved with ``save_pretrained`` and
 loaded with ``models.hf.load``) and the same adapter (a PEFT LoRA with random non-zero
-lora_B, read with ``rpe_jax.peft_io.read_peft``), so the table also reports the largest
+lora_B, read with ``rpe_jax.library.peft_io.read_peft``), so the table also reports the largest
 output difference. Cases: no adapter, the adapter unmerged (x W + (x a) b), the adapter
 merged into the kernels; then one LoRA train step (AdamW, adapter only trainable) on both
 sides. The two sides are timed alternately, ``--reps`` pairs after ``--warmup`` pairs, and
@@ -85,7 +85,7 @@ def vit_cases(args) -> list[Row]:
 
   from models import hf
   from models.lora import LoRAParam, adapted_layers, to_flat
-  from rpe_jax.peft_io import read_peft
+  from rpe_jax.library.peft_io import read_peft
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)

@@ -5,7 +5,7 @@
 
 A tiny Llama (random base, as there are no weights to download) and a byte-level BPE
 trained locally on synthetic radiology reports of the modalities in
-``rpe_jax.text.MODALITIES``. One LoRA per modality is trained on impression tokens only.
+``rpe_jax.tasks.report.MODALITIES``. One LoRA per modality is trained on impression tokens only.
 For each held-out modality, the other modalities' adapters are weighted from their
 findings prototypes (every strategy of ``rpe_jax.weighting``), composed exactly
 (``rpe_jax.compose.combine``), and the greedy impressions of the held-out test reports are
@@ -33,7 +33,7 @@ from flax import nnx  # noqa: E402
 
 from held_out_table import markdown_table, plot_bars  # noqa: E402
 from models import llama  # noqa: E402
-from rpe_jax import text  # noqa: E402
+from rpe_jax.tasks import report as text  # noqa: E402
 from rpe_jax.compose import combine, with_adapter  # noqa: E402
 
 

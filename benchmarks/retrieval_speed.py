@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from rpe_jax import retrieval  # noqa: E402
-from rpe_jax.library import Library  # noqa: E402
+from rpe_jax.library.catalog import Library  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

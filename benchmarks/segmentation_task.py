@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/segmentation_task.py            # 8 sites, 150 steps each
     .venv/bin/python benchmarks/segmentation_task.py --quick    # 5 sites, fewer steps/images
 
-The built-in multi-site family of ``rpe_jax.segmentation`` (organ-like shapes under
+The built-in multi-site family of ``rpe_jax.tasks.segmentation`` (organ-like shapes under
 site-specific acquisition shifts, like the prostate MRI sites). A tiny SAM trained in full
 on the ``clean`` site stands in for the frozen foundation model (no weights can be
 downloaded here; it is cached under --out). One LoRA per site (encoder fused qkv + decoder
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from held_out_table import markdown_table, plot_bars  # noqa: E402
 from models import hf, sam  # noqa: E402
-from rpe_jax import segmentation as seg  # noqa: E402
+from rpe_jax.tasks import segmentation as seg  # noqa: E402
 from rpe_jax.compose import adapter_of, combine, merge_into  # noqa: E402
 from rpe_jax.weighting import STRATEGIES, compute_weights  # noqa: E402
 

@@ -119,7 +119,7 @@ def foundation():
 def library(model):
   """The demo library: one LoRA per built-in site with its prototype (built once)."""
   from rpe_jax import data, prototypes
-  from rpe_jax.library import Library
+  from rpe_jax.library.catalog import Library
   from rpe_jax.train import TrainConfig, train_adapter
   folder = cache_dir() / "library"
   if not (folder / "catalog.sqlite").exists():

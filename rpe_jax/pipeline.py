@@ -70,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--merge", action="store_true",
                       help="also write the base model with the adapter merged (HF layout)")
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
-  from rpe_jax import distributed   # --mesh and the multi-host flags (docs/multihost.md)
+  from rpe_jax.parallel import distributed   # --mesh and the multi-host flags (docs/multihost.md)
   distributed.add_mesh_args(parser)
 
 
@@ -114,7 +114,7 @@ def _check_args(args) -> None:
 
 
 def _open_library(path):
-  from rpe_jax.library import Library
+  from rpe_jax.library.catalog import Library
   if not Path(path, "catalog.sqlite").exists():
     raise ValueError(f"--library {path} is not an adapter library (no catalog.sqlite)")
   library = Library.open(path, readonly=True)
@@ -174,7 +174,7 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=Non
   One retrieval and one batched weight solve serve all targets; the references and
   squared distances that retrieval computed are handed to the weighting step.
   Returns (retrieval, weights, composed adapters [B], kept[B]: the names composed).
-  With a ``mesh`` the composition runs sharded (``rpe_jax.sharded_ops.combine_on_mesh``).
+  With a ``mesh`` the composition runs sharded (``rpe_jax.parallel.sharded_ops.combine_on_mesh``).
   """
   from rpe_jax import weighting
   from rpe_jax.compose import combine
@@ -198,7 +198,7 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=Non
           cache[name] = library.load(name)
     with clock("combine"):
       if mesh is not None:
-        from rpe_jax.sharded_ops import combine_on_mesh
+        from rpe_jax.parallel.sharded_ops import combine_on_mesh
         composed.append(combine_on_mesh([cache[n] for n in names],
                                         weights[b, use].astype(np.float32), mesh,
                                         rank=rank, energy=energy))
@@ -211,7 +211,7 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=Non
 
 def _write_outputs(args, out: Path, target_names, composed, model, report) -> None:
   """Write everything under a temporary folder first, then move it into ``out``."""
-  from rpe_jax import adapter_file
+  from rpe_jax.library import adapter_file
   out.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=".tmp-compose-", dir=out))
   try:
@@ -223,7 +223,7 @@ def _write_outputs(args, out: Path, target_names, composed, model, report) -> No
         adapter_file.save_adapter(folder / "adapter.safetensors", adapter,
                                   {"target": name, "strategy": args.strategy})
       elif args.format == "peft":
-        from rpe_jax import peft_io
+        from rpe_jax.library import peft_io
         peft_io.write_peft(adapter, model, folder / "peft")
       else:
         import orbax.checkpoint as ocp
@@ -258,7 +258,7 @@ def format_table(name, names, sqdist, weights) -> str:
 def run(args) -> int:
   """``rpe compose`` / ``python -m rpe_jax.compose`` with parsed arguments."""
   import jax
-  from rpe_jax import distributed
+  from rpe_jax.parallel import distributed
   from solvers import sparse_simplex
   _check_args(args)
   # Multi-host: join before anything touches a device; process 0 alone writes files.

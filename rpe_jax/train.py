@@ -458,7 +458,7 @@ def run(args) -> int:
                          progress=not args.json)
   test_acc = evaluate(result.model, splits.test, normalization=normalization)
   if args.out:
-    from rpe_jax.adapter_file import save_adapter
+    from rpe_jax.library.adapter_file import save_adapter
     save_adapter(args.out, result.adapter, {"data": args.data, "model": args.model,
                                             "kind": args.kind, "rank": str(args.rank),
                                             "best_epoch": str(result.best_epoch)})

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from models.lora import LoRA, SVDLoRA, is_lora, to_flat
-from rpe_jax import adapter_file, retrieval
-from rpe_jax.adapter_file import AdapterFormatError
-from rpe_jax.library import Library, LibraryError
+from rpe_jax import retrieval
+from rpe_jax.library import adapter_file
+from rpe_jax.library.adapter_file import AdapterFormatError
+from rpe_jax.library.catalog import Library, LibraryError
 
 SHAPES = {"layers.0.attention.query": (6, 6), "layers.0.attention.value": (6, 6),
           "layers.1.mlp.fc1": (6, 10)}
@@ -255,7 +256,7 @@ def test_verify_reports_and_repairs_orphans(lib):
 def test_a_concurrent_conflicting_add_is_caught_inside_the_transaction(tmp_path, monkeypatch):
   """Process A passes its early check, then B fixes the base model's structure first: A's
   re-check under the write lock must refuse, and A's temp file must be gone."""
-  from rpe_jax import library as library_module
+  from rpe_jax.library import catalog as library_module
   a_lib = Library.create(tmp_path / "lib")
   b_lib = Library.open(tmp_path / "lib")
 

@@ -11,7 +11,7 @@ import pytest
 import safetensors.numpy
 
 from rpe_jax.cli import main
-from rpe_jax.library import Library
+from rpe_jax.library.catalog import Library
 
 
 def write_adapter(path, seed, d_in=6):

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rpe_jax import library as library_module
-from rpe_jax.library import FAULT_STEPS, Library, LibraryBusyError
+from rpe_jax.library import catalog as library_module
+from rpe_jax.library.catalog import FAULT_STEPS, Library, LibraryBusyError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
     import numpy as np
-    from rpe_jax import library
+    from rpe_jax.library import catalog as library
 
     def tensors(seed):
       rng = np.random.default_rng(seed)

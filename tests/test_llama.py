@@ -14,7 +14,7 @@ from models import hf as hf_io
 from models import llama
 from models.lora import SVDLoRA, adapted_layers, to_flat
 from rpe_jax.compose import with_adapter
-from rpe_jax.peft_io import read_peft
+from rpe_jax.library.peft_io import read_peft
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from models import hf
 from models.lora import LoRA, SVDLoRA, adapted_layers, to_flat
-from rpe_jax.peft_io import read_peft, write_peft
+from rpe_jax.library.peft_io import read_peft, write_peft
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             image_size=16, patch_size=4, num_labels=3)

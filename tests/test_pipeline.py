@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from models.lora import LoRA, is_lora, to_flat
-from rpe_jax import adapter_file
-from rpe_jax.library import Library
+from rpe_jax.library import adapter_file
+from rpe_jax.library.catalog import Library
 from rpe_jax.pipeline import main
 
 PATHS = ("layers.0.query", "layers.0.value", "layers.1.query")
@@ -328,7 +328,8 @@ def test_data_target_with_hf_model_peft_output_and_merge(tmp_path, capsys):
   from models import hf
   from models.lora import init_adapters
   from models.vit import ViTConfig, ViTForImageClassification
-  from rpe_jax import data, peft_io, prototypes
+  from rpe_jax import data, prototypes
+  from rpe_jax.library import peft_io
   from rpe_jax.compose import adapter_of, with_adapter
 
   config = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

@@ -10,7 +10,7 @@ from flax import nnx
 
 from models import lora
 from models.sam import SamModel
-from rpe_jax import segmentation as seg
+from rpe_jax.tasks import segmentation as seg
 
 
 def test_dice_scores_match_set_counting():

@@ -18,8 +18,8 @@ from models.lora import LoRA, SVDLoRA, is_lora, to_flat
 from models.vit import ViTForImageClassification
 from oracles import dense
 from rpe_jax import compose
-from rpe_jax import sharded_ops as ops
-from rpe_jax import sharding as sh
+from rpe_jax.parallel import sharded_ops as ops
+from rpe_jax.parallel import sharding as sh
 from sharding_cases import (TOL, VIT, VIT_TARGETS, WEIGHTS, assert_close,
                             assert_shardings, library, np64)
 from solvers import sparse_simplex
@@ -195,7 +195,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-from rpe_jax import distributed
+from rpe_jax.parallel import distributed
 parser = argparse.ArgumentParser()
 distributed.add_mesh_args(parser)
 parser.add_argument("--out")
@@ -205,7 +205,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from models.lora import LoRA
-from rpe_jax import compose, sharded_ops as ops, sharding as sh
+from rpe_jax import compose
+from rpe_jax.parallel import sharded_ops as ops
+from rpe_jax.parallel import sharding as sh
 mesh = distributed.mesh_from_args(args)
 rng = np.random.default_rng(0)
 ads = [{"q": LoRA(jnp.asarray(rng.normal(size=(16, 2)), jnp.float32),
@@ -265,7 +267,7 @@ def test_two_processes_compose_and_checkpoint(tmp_path):
 
 def _cli_library(tmp_path):
   """A 5-adapter library and a target prototype; returns the common CLI arguments."""
-  from rpe_jax.library import Library
+  from rpe_jax.library.catalog import Library
   rng = np.random.default_rng(0)
   lib = Library.create(tmp_path / "lib")
   for i in range(5):
@@ -280,7 +282,7 @@ def _cli_library(tmp_path):
 
 
 def _assert_same_adapter_file(got, want):
-  from rpe_jax import adapter_file
+  from rpe_jax.library import adapter_file
   got, _ = adapter_file.load_adapter(got / "composed" / "adapter.safetensors")
   want, _ = adapter_file.load_adapter(want / "composed" / "adapter.safetensors")
   assert sorted(to_flat(got)) == sorted(to_flat(want))

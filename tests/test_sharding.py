@@ -23,9 +23,9 @@ from models.lora import LoRA, Linear, SVDLoRA, is_lora, to_flat
 from models.vit import ViTForImageClassification
 from oracles import dense
 from rpe_jax import compose
-from rpe_jax import distributed
-from rpe_jax import sharded_ops as ops
-from rpe_jax import sharding as sh
+from rpe_jax.parallel import distributed
+from rpe_jax.parallel import sharded_ops as ops
+from rpe_jax.parallel import sharding as sh
 from sharding_cases import (LLAMA, LLAMA_TARGETS, VIT, VIT_TARGETS, WEIGHTS, assert_close,
                             assert_shardings, library, np64, random_adapter)
 
@@ -137,7 +137,7 @@ def test_shard_model_places_llama_parameters(llama):
 
 @dataclasses.dataclass(frozen=True)
 class _ToyConfig:
-  """A new model's config: a ClassVar ``sharding_rules`` is all rpe_jax.sharding needs."""
+  """A new model's config: a ClassVar ``sharding_rules`` is all rpe_jax.parallel.sharding needs."""
   sharding_rules: ClassVar[tuple] = ((r"up\.kernel$", ("embed", "mlp")),
                                      (r"down\.kernel$", ("mlp", "embed")))
   width: int = 8

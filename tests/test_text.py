@@ -13,7 +13,7 @@ from flax import nnx
 
 from models import hf as hf_io
 from models import llama
-from rpe_jax import text
+from rpe_jax.tasks import report as text
 from rpe_jax.compose import adapter_of, combine, with_adapter
 
 MODS = sorted(text.MODALITIES)

@@ -10,7 +10,7 @@ from flax import nnx
 from models.lora import LoRA, SVDLoRA, adapted_layers, is_lora, orthogonality_penalty
 from models.vit import ViTConfig
 from rpe_jax import data, train
-from rpe_jax.adapter_file import load_adapter
+from rpe_jax.library.adapter_file import load_adapter
 from rpe_jax.compose import adapter_of
 
 SIZE = 16

@@ -26,9 +26,9 @@ became) on a named ``Mesh``; user code does not change between one device and ma
   sharded over a device axis (``place_library``).
 
 The operations on these placements (the exact composition of a sharded library with TSQR
-re-truncation, the batch-sharded weight solve) are in ``rpe_jax.sharded_ops``; multi-host
+re-truncation, the batch-sharded weight solve) are in ``rpe_jax.parallel.sharded_ops``; multi-host
 start-up (``jax.distributed.initialize``), the ``--mesh`` flags and sharded orbax
-checkpoints in ``rpe_jax.distributed``.
+checkpoints in ``rpe_jax.parallel.distributed``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import sys
 
 # command → (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "library": ("rpe_jax.library_cli", "the adapter library: init, add, import-peft, "
+    "library": ("rpe_jax.cli.library", "the adapter library: init, add, import-peft, "
                 "export-peft, list, show, query, remove, verify"),
     "train": ("rpe_jax.train", "fine-tune LoRA / SVD-LoRA adapters to build a library"),
     "compose": ("rpe_jax.pipeline", "prototype → retrieve → weigh → compose for a new dataset"),

@@ -2,7 +2,7 @@
 re-truncation of sharded factors, and the weight solver with its batch axis sharded.
 
 The placements they start from (meshes, partition rules, stacked libraries) come from
-``rpe_jax.sharding``; each operation is one ``jax.jit`` with explicit ``in_shardings`` /
+``rpe_jax.parallel.sharding``; each operation is one ``jax.jit`` with explicit ``in_shardings`` /
 ``out_shardings`` (what ``pjit`` became), so the result has exactly the requested sharding.
 
 * ``sharded_combine`` composes a placed, stacked library exactly,
@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.lora import LoRA, SVDLoRA, energy_count, energy_keep, from_flat, is_lora, to_flat
-from rpe_jax.sharding import adapter_shardings, place_library, replicated, stack_adapters
+from rpe_jax.parallel.sharding import adapter_shardings, place_library, replicated, stack_adapters
 
 # --- Exact composition of a sharded library ---------------------------------------------------
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rpe_jax import adapter_file
-from rpe_jax.library import Entry, Library, LibraryError
+from rpe_jax.library import adapter_file
+from rpe_jax.library.catalog import Entry, Library, LibraryError
 
 
 def _emit(args, obj, text: str) -> None:
@@ -105,7 +105,7 @@ def _model(spec: str):
 
 
 def _import_peft(args) -> int:
-  from rpe_jax import peft_io
+  from rpe_jax.library import peft_io
   adapter = peft_io.read_peft(args.folder, _model(args.model))
   base_model = args.base_model
   if base_model is None:
@@ -121,7 +121,7 @@ def _import_peft(args) -> int:
 
 
 def _export_peft(args) -> int:
-  from rpe_jax import peft_io
+  from rpe_jax.library import peft_io
   with Library.open(args.library, readonly=True) as lib:
     entry = lib.get(args.name)
     adapter = lib.load(args.name)

@@ -5,7 +5,7 @@ One process per host (per GPU on some launchers); every process runs the same co
 ``maybe_initialize_distributed(args)`` joins the run when flags ask for it
 (``--coordinator HOST:PORT --num-processes N --process-id I``) or when a launcher is
 detected (SLURM, Open MPI, a multi-host TPU slice); afterwards ``jax.devices()`` lists every
-process's devices and ``rpe_jax.sharding.make_mesh`` spans them all. Only process 0
+process's devices and ``rpe_jax.parallel.sharding.make_mesh`` spans them all. Only process 0
 (``is_primary()``) writes reports and library entries; orbax checkpoints are written by all
 processes together. See docs/multihost.md.
 """
@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 
 import jax
 
-from rpe_jax.sharding import make_mesh
+from rpe_jax.parallel.sharding import make_mesh
 
 
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 A library is a directory::
 
     catalog.sqlite            the catalog (SQLite, WAL), schema version in PRAGMA user_version
-    adapters/<id>.safetensors one file per adapter (see ``rpe_jax.adapter_file``)
+    adapters/<id>.safetensors one file per adapter (see ``rpe_jax.library.adapter_file``)
 
 Durability. ``add`` writes the file under a temporary name, fsyncs it, and then, inside
 one ``BEGIN IMMEDIATE`` transaction, re-validates, renames it into place (fsyncing the
@@ -39,8 +39,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from rpe_jax import adapter_file
-from rpe_jax.adapter_file import AdapterFormatError, Signature
+from rpe_jax.library import adapter_file
+from rpe_jax.library.adapter_file import AdapterFormatError, Signature
 
 SCHEMA_VERSION = 1
 CATALOG = "catalog.sqlite"

@@ -162,8 +162,3 @@ def adapter_of(model: nnx.Module) -> dict:
   """The exchange-form tree of the adapters ``model`` carries (empty dict when none)."""
   return from_flat({path: layer.adapter for path, layer in adapted_layers(model).items()
                     if layer.adapter is not None})
-
-
-if __name__ == "__main__":
-  from rpe_jax.pipeline import main
-  raise SystemExit(main())
