@@ -105,7 +105,7 @@ def site_name(uri: str) -> str:
 
 
 def site_uris(data: list[str] | None) -> list[str]:
-  from rpe_jax import data as data_lib
+  from rpe_jax.tasks import images as data_lib
   uris = [m for uri in (data or [DEFAULT_DATA]) for m in data_lib.members(uri)]
   if len(uris) < 3:
     raise SystemExit(f"--data: leave-one-out needs at least 3 sites (one URI per site, or a "
@@ -119,7 +119,7 @@ def site_uris(data: list[str] | None) -> list[str]:
 # --- the base model and the library ---------------------------------------------------------
 
 def _uses_demo_cache(args, uris) -> bool:
-  from rpe_jax import data as data_lib
+  from rpe_jax.tasks import images as data_lib
   from rpe_jax import demo
   return (args.model == "demo" and uris == data_lib.members(DEFAULT_DATA)
           and _targets(args) == ("query", "value")
@@ -231,7 +231,7 @@ def _ranks(values, descending=False) -> np.ndarray:
 def run_classification(args) -> dict:
   from scipy.stats import spearmanr
 
-  from rpe_jax import data as data_lib
+  from rpe_jax.tasks import images as data_lib
   from rpe_jax import prototypes
   from rpe_jax.train import evaluate
   t0 = time.perf_counter()

@@ -80,7 +80,7 @@ def _name(uri: str) -> str:
 
 
 def task_uris(data) -> list[str]:
-  from rpe_jax import data as data_lib
+  from rpe_jax.tasks import images as data_lib
   uris = [m for uri in (data or [DEFAULT_DATA]) for m in data_lib.members(uri)]
   if len(uris) < 3:
     raise SystemExit(f"--data: need at least 3 tasks (2 to merge, 1 new), got {uris}")
@@ -248,7 +248,7 @@ def main(argv=None):
   if args.quick:
     args.epochs = args.transfer_epochs = 3
     args.fractions, args.energy = args.fractions[:1], [0.9]
-  from rpe_jax import data as data_lib
+  from rpe_jax.tasks import images as data_lib
   from rpe_jax.pipeline import load_model
   t0 = time.perf_counter()
   uris = task_uris(args.data)

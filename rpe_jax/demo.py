@@ -56,7 +56,7 @@ def _size() -> dict:
 
 def _recipe_key() -> str:
   """A short hash of everything that shapes the cached models, so a change rebuilds them."""
-  from rpe_jax import data
+  from rpe_jax.tasks import images as data
   from rpe_jax.train import FOUNDATION_SITES, foundation_config
   size = _size()
   recipe = repr((foundation_config(), FOUNDATION_SITES, sorted(data.SITES.items()),
@@ -118,7 +118,8 @@ def foundation():
 
 def library(model):
   """The demo library: one LoRA per built-in site with its prototype (built once)."""
-  from rpe_jax import data, prototypes
+  from rpe_jax import prototypes
+  from rpe_jax.tasks import images as data
   from rpe_jax.library.catalog import Library
   from rpe_jax.train import TrainConfig, train_adapter
   folder = cache_dir() / "library"
@@ -144,7 +145,8 @@ def library(model):
 
 def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = 10.0):
   """Hold ``held_out`` out, compose the others with every strategy, evaluate on its test set."""
-  from rpe_jax import data, prototypes
+  from rpe_jax import prototypes
+  from rpe_jax.tasks import images as data
   from rpe_jax.compose import combine, with_adapter
   from rpe_jax.pipeline import compose_targets
   from rpe_jax.train import evaluate

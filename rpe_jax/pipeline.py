@@ -157,7 +157,7 @@ def _targets_from_prototypes(files) -> tuple[list[str], np.ndarray]:
 
 
 def _load_datasets(args) -> list:
-  from rpe_jax import data
+  from rpe_jax.tasks import images as data
   return [data.load(uri, args.split, data_root=args.data_root) for uri in args.data]
 
 

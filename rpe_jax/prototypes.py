@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rpe_jax.data import ImageDataset, Normalization, batches
+from models.preprocessing import Normalization
+from rpe_jax.batching import Arrays, batches
 
 
 class Prototype(NamedTuple):
@@ -38,14 +39,14 @@ def _model_features(graphdef, state, images, *, pooling, normalization):
   return model.features(x, pooling).astype(jnp.float32)
 
 
-def _images(dataset) -> ImageDataset:
-  if isinstance(dataset, ImageDataset):
+def _images(dataset):
+  if hasattr(dataset, "images") and hasattr(dataset, "labels"):
     return dataset
   images = np.asarray(dataset)
   if images.ndim != 4:
     raise ValueError(f"dataset must be an ImageDataset or images [N, H, W, C], got shape "
                      f"{images.shape}")
-  return ImageDataset(images, np.zeros(len(images), np.int32), 1, "images", ("-",))
+  return Arrays(images, np.zeros(len(images), np.int32))
 
 
 def feature_sum(model: nnx.Module | None, dataset, pooling: str = "cls", *,

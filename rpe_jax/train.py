@@ -37,9 +37,11 @@ from flax import nnx
 
 from models.lora import Linear, LoRAParam, init_adapters, total_orthogonality_penalty
 from models.vit import ViTConfig, ViTForImageClassification
-from rpe_jax import data as data_lib
+from models.preprocessing import Normalization
+from rpe_jax import batching
+from rpe_jax.tasks import images as data_lib
 from rpe_jax.compose import adapter_of, with_adapter
-from rpe_jax.data import ImageDataset, Normalization
+from rpe_jax.tasks.images import ImageDataset
 
 
 class TrainConfig(NamedTuple):
@@ -165,7 +167,7 @@ def _eval_step(static: _Static, p, rest, images, labels, mask):
 def _accuracy(static, p, rest, dataset, batch_size) -> float:
   batch_size = min(batch_size, len(dataset))
   correct = sum(float(_eval_step(static, p, rest, b.images, b.labels, b.mask))
-                for b in data_lib.batches(dataset, batch_size, tail="pad"))
+                for b in batching.batches(dataset, batch_size, tail="pad"))
   return correct / len(dataset)
 
 
@@ -182,7 +184,7 @@ def evaluate(model: nnx.Module, dataset: ImageDataset, *, batch_size: int = 256,
   graphdef, state = nnx.split(model)
   batch_size = min(batch_size, len(dataset))
   correct = sum(float(_correct(graphdef, state, b.images, b.labels, b.mask, normalization))
-                for b in data_lib.batches(dataset, batch_size, tail="pad"))
+                for b in batching.batches(dataset, batch_size, tail="pad"))
   return correct / len(dataset)
 
 
@@ -222,8 +224,8 @@ def _epoch(static, p, opt_state, rest, train, epoch, batch_size, schedule, confi
            desc):
   """One pass over ``train`` in the order seeded by (seed, epoch); (p, opt_state, mean loss,
   train accuracy)."""
-  steps = data_lib.num_batches(len(train), batch_size)
-  it = data_lib.batches(train, batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+  steps = batching.num_batches(len(train), batch_size)
+  it = batching.batches(train, batch_size, shuffle=True, seed=config.seed, epoch=epoch,
                         tail="pad")
   if progress:
     from tqdm.auto import tqdm
@@ -252,7 +254,7 @@ def _fit(model, train, val, config: TrainConfig, trainable, *, normalization, ch
   p = dict(zip(keys, leaves))
 
   batch_size = min(config.batch_size, len(train))
-  steps_per_epoch = data_lib.num_batches(len(train), batch_size)
+  steps_per_epoch = batching.num_batches(len(train), batch_size)
   total = config.epochs * steps_per_epoch
   warmup = int(round(config.warmup_fraction * total))
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(total, warmup + 1))

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rpe_jax import data
-from rpe_jax.data import DatasetError
+from models.preprocessing import Normalization
+from rpe_jax import batching
+from rpe_jax.tasks import images as data
+from rpe_jax.tasks.images import DatasetError
 
 
 # --- medmnist -------------------------------------------------------------------------------
@@ -233,8 +235,8 @@ def _toy(n=10):
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_batches_pad_the_ragged_tail_and_mask_it(prefetch):
   ds = _toy(10)
-  got = list(data.batches(ds, 4, prefetch=prefetch))
-  assert len(got) == 3 == data.num_batches(10, 4)
+  got = list(batching.batches(ds, 4, prefetch=prefetch))
+  assert len(got) == 3 == batching.num_batches(10, 4)
   assert all(b.images.shape == (4, 2, 2, 1) for b in got)
   np.testing.assert_array_equal(got[-1].mask, [True, True, False, False])
   seen = np.concatenate([b.labels[b.mask] for b in got])
@@ -245,16 +247,16 @@ def test_batches_pad_the_ragged_tail_and_mask_it(prefetch):
 
 def test_batches_drop_and_short_tails():
   ds = _toy(10)
-  assert [len(b.labels) for b in data.batches(ds, 4, tail="drop")] == [4, 4]
-  assert [len(b.labels) for b in data.batches(ds, 4, tail="short")] == [4, 4, 2]
+  assert [len(b.labels) for b in batching.batches(ds, 4, tail="drop")] == [4, 4]
+  assert [len(b.labels) for b in batching.batches(ds, 4, tail="short")] == [4, 4, 2]
   with pytest.raises(ValueError, match="tail must be"):
-    data.batches(ds, 4, tail="wrap")
+    batching.batches(ds, 4, tail="wrap")
 
 
 def test_shuffle_is_a_permutation_seeded_by_seed_and_epoch():
   ds = _toy(10)
   order = lambda **kw: np.concatenate(
-      [b.images[b.mask, 0, 0, 0] // 4 for b in data.batches(ds, 3, shuffle=True, **kw)])
+      [b.images[b.mask, 0, 0, 0] // 4 for b in batching.batches(ds, 3, shuffle=True, **kw)])
   a = order(seed=0, epoch=0)
   assert sorted(a) == list(range(10))
   np.testing.assert_array_equal(a, order(seed=0, epoch=0))
@@ -270,7 +272,7 @@ def test_prefetch_runs_the_transform_in_another_thread_and_propagates_errors():
     threads.add(threading.get_ident())
     return x.astype(np.float32) * 2
 
-  got = list(data.batches(ds, 4, transform=transform, prefetch=2))
+  got = list(batching.batches(ds, 4, transform=transform, prefetch=2))
   assert threads and threading.get_ident() not in threads
   np.testing.assert_array_equal(got[0].images, ds.images[:4] * 2.0)
 
@@ -278,9 +280,9 @@ def test_prefetch_runs_the_transform_in_another_thread_and_propagates_errors():
     raise RuntimeError("transform exploded")
 
   with pytest.raises(RuntimeError, match="transform exploded"):
-    list(data.batches(ds, 4, transform=broken, prefetch=2))
+    list(batching.batches(ds, 4, transform=broken, prefetch=2))
   # Abandoning an iterator midway does not hang.
-  it = data.batches(ds, 1, prefetch=1)
+  it = batching.batches(ds, 1, prefetch=1)
   next(it)
   it.close()
 
@@ -290,11 +292,11 @@ def test_prefetch_runs_the_transform_in_another_thread_and_propagates_errors():
 def test_normalization_matches_numpy_and_repeats_gray_to_rgb():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
-  norm = data.Normalization(8, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  norm = Normalization(8, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
   want = (np.repeat(images, 3, -1) / 255.0 - np.array(norm.mean)) / np.array(norm.std)
   np.testing.assert_allclose(np.asarray(norm(images)), want, atol=1e-5)
   # Float inputs are taken as [0, 1]; ViT's defaults (0.5, 0.5) map them to [-1, 1].
-  vit = data.Normalization(8, 1)
+  vit = Normalization(8, 1)
   np.testing.assert_allclose(np.asarray(vit(np.ones((1, 8, 8, 1), np.float32))), 1.0)
   np.testing.assert_allclose(np.asarray(vit(np.zeros((1, 8, 8, 1), np.uint8))), -1.0)
   with pytest.raises(ValueError, match="images have 2 channels"):
@@ -302,7 +304,7 @@ def test_normalization_matches_numpy_and_repeats_gray_to_rgb():
 
 
 def test_normalization_resizes_to_the_model_size():
-  norm = data.Normalization(16, 1, (0.0,), (1.0,))
+  norm = Normalization(16, 1, (0.0,), (1.0,))
   x = np.full((2, 8, 8, 1), 51, np.uint8)
   out = np.asarray(norm(x))
   assert out.shape == (2, 16, 16, 1)
@@ -314,7 +316,7 @@ def test_normalization_from_hf_processor_config(tmp_path):
          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1.0], "resample": 2,
          "rescale_factor": 0.00392156862745098, "size": {"height": 24, "width": 32}}
   (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
-  norm = data.Normalization.from_hf(str(tmp_path))
+  norm = Normalization.from_hf(str(tmp_path))
   assert norm.image_size == (24, 32) and norm.std == (0.25, 0.5, 1.0)
-  with pytest.raises(DatasetError, match="preprocessor_config.json"):
-    data.Normalization.from_hf(str(tmp_path / "nope"))
+  with pytest.raises(ValueError, match="preprocessor_config.json"):
+    Normalization.from_hf(str(tmp_path / "nope"))

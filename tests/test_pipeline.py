@@ -328,7 +328,8 @@ def test_data_target_with_hf_model_peft_output_and_merge(tmp_path, capsys):
   from models import hf
   from models.lora import init_adapters
   from models.vit import ViTConfig, ViTForImageClassification
-  from rpe_jax import data, prototypes
+  from rpe_jax import prototypes
+  from rpe_jax.tasks import images as data
   from rpe_jax.library import peft_io
   from rpe_jax.compose import adapter_of, with_adapter
 

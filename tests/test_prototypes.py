@@ -8,7 +8,8 @@ from flax import nnx
 
 from models.vit import ViTConfig, ViTForImageClassification
 from rpe_jax import prototypes
-from rpe_jax.data import ImageDataset, Normalization
+from models.preprocessing import Normalization
+from rpe_jax.tasks.images import ImageDataset
 
 
 def _dataset(n=37, seed=0):

@@ -9,7 +9,9 @@ from flax import nnx
 
 from models.lora import LoRA, SVDLoRA, adapted_layers, is_lora, orthogonality_penalty
 from models.vit import ViTConfig
-from rpe_jax import data, train
+from models.preprocessing import Normalization
+from rpe_jax import train
+from rpe_jax.tasks import images as data
 from rpe_jax.library.adapter_file import load_adapter
 from rpe_jax.compose import adapter_of
 
@@ -33,7 +35,7 @@ def rotated():
 
 def _accuracy(model, ds):
   """Oracle: one un-batched forward pass of the whole split, argmax in numpy."""
-  x = data.Normalization.for_model(model)(ds.images)
+  x = Normalization.for_model(model)(ds.images)
   logits = np.asarray(model(x).logits)
   return float((logits.argmax(-1) == ds.labels).mean())
 

@@ -292,8 +292,8 @@ def evaluate_dice(model: SamModel, ds: SegDataset, *, prompt: str = "box",
 
 
 def normalization(model: SamModel):
-  """``model_input`` as an ``rpe_jax.data.Normalization`` (gray tiled, (x − 0.5) / 0.25)."""
-  from rpe_jax.data import Normalization
+  """``model_input`` as a ``models.preprocessing.Normalization`` (gray tiled, (x − 0.5) / 0.25)."""
+  from models.preprocessing import Normalization
   v = model.config.vision
   return Normalization(v.image_size, v.num_channels, (0.5,) * v.num_channels,
                        (0.25,) * v.num_channels)

@@ -1,4 +1,4 @@
-"""Labeled image datasets by URI, fixed-size batching with prefetch, per-model normalisation.
+"""Labeled image datasets by URI (the image tasks' data; batching: ``rpe_jax.batching``).
 
 URIs (``load(uri, split)`` / ``load_splits(uri)``):
 
@@ -25,13 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
-import threading
 import zipfile
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -413,166 +409,3 @@ def _load_tasks(rest, uri, data_root, seed) -> Splits:
 
 _LOADERS = {"medmnist": _load_medmnist, "tfds": _load_tfds, "folder": _load_folder,
             "sites": _load_sites, "tasks": _load_tasks}
-
-
-# --- batching -------------------------------------------------------------------------------
-
-class Batch(NamedTuple):
-  """A fixed-size batch; ``mask`` is False on the rows that pad a ragged tail."""
-
-  images: np.ndarray
-  labels: np.ndarray
-  mask: np.ndarray
-
-
-def num_batches(n: int, batch_size: int, tail: str = "pad") -> int:
-  return n // batch_size if tail == "drop" else -(-n // batch_size)
-
-
-def batches(dataset: ImageDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-            epoch: int = 0, tail: str = "pad", prefetch: int = 2,
-            transform: Callable | None = None) -> Iterator[Batch]:
-  """Iterate over ``dataset`` in batches of exactly ``batch_size`` rows.
-
-  The order is a permutation seeded by (seed, epoch) when ``shuffle``. ``tail``: "pad"
-  repeats the last rows to fill the final batch and masks them out (fixed shapes: one jit
-  compile), "drop" drops it, "short" yields it shorter. ``transform`` (e.g. a
-  ``Normalization``) is applied to the images in a background thread that keeps up to
-  ``prefetch`` batches ready (0: no thread).
-  """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if tail not in ("pad", "drop", "short"):
-    raise ValueError(f"tail must be 'pad', 'drop' or 'short', got {tail!r}")
-  n = len(dataset)
-  order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
-           else np.arange(n))
-
-  def produce():
-    for i in range(num_batches(n, batch_size, tail)):
-      index = order[i * batch_size:(i + 1) * batch_size]
-      mask = np.ones(len(index), bool)
-      if tail == "pad" and len(index) < batch_size:
-        fill = batch_size - len(index)
-        index = np.concatenate([index, np.resize(index, fill)])
-        mask = np.concatenate([mask, np.zeros(fill, bool)])
-      images = dataset.images[index]
-      yield Batch(transform(images) if transform else images, dataset.labels[index], mask)
-
-  return _prefetched(produce, prefetch) if prefetch > 0 else produce()
-
-
-_END = object()
-
-
-def _prefetched(produce, size: int):
-  """Run the generator ``produce()`` in a daemon thread, ``size`` items ahead."""
-  items: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        items.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def work():
-    try:
-      for item in produce():
-        if not put(item):
-          return
-      put(_END)
-    except BaseException as e:  # re-raised in the consumer
-      put(e)
-
-  thread = threading.Thread(target=work, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = items.get()
-      if item is _END:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
-
-
-# --- per-model normalisation ----------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Normalization:
-  """HF image-processor preprocessing as one jit-able function of a batch of images.
-
-  uint8 images are rescaled by ``rescale`` (1/255) — float images are taken as already in
-  [0, 1] — resized (bilinear) to ``image_size``, given ``num_channels`` (gray is repeated to
-  RGB), then normalised (x − mean) / std. ViT's default mean = std = 0.5 maps to [−1, 1].
-  """
-
-  image_size: int | tuple[int, int]
-  num_channels: int = 3
-  mean: tuple[float, ...] | None = None   # None: 0.5 per channel (HF ViT's default)
-  std: tuple[float, ...] | None = None
-  rescale: float = 1.0 / 255.0
-
-  def __post_init__(self):
-    size = self.image_size
-    size = (size, size) if isinstance(size, (int, np.integer)) else tuple(int(t) for t in size)
-    object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
-    for name in ("mean", "std"):
-      value = getattr(self, name)
-      value = (0.5,) * self.num_channels if value is None else tuple(float(v) for v in value)
-      object.__setattr__(self, name, value)
-      if len(getattr(self, name)) != self.num_channels:
-        raise ValueError(f"Normalization: {name} {getattr(self, name)} has "
-                         f"{len(getattr(self, name))} entries for {self.num_channels} channels")
-    if not all(s > 0 for s in self.std):
-      raise ValueError(f"Normalization: std must be positive, got {self.std}")
-
-  @classmethod
-  def for_model(cls, model_or_config, mean=None, std=None) -> "Normalization":
-    """From a model (or config) with ``image_size`` and ``num_channels``; ViT's defaults."""
-    config = getattr(model_or_config, "config", model_or_config)
-    c = int(getattr(config, "num_channels", 3))
-    return cls(config.image_size, c, tuple(mean or (0.5,) * c), tuple(std or (0.5,) * c))
-
-  @classmethod
-  def from_hf(cls, folder: str, num_channels: int = 3) -> "Normalization":
-    """From an HF ``preprocessor_config.json`` (image_mean, image_std, size, rescale_factor)."""
-    path = os.path.join(folder, "preprocessor_config.json")
-    try:
-      with open(path) as f:
-        cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise DatasetError(f"{path}: cannot read the image processor config ({e})") from e
-    size = cfg.get("size", 224)
-    if isinstance(size, dict):
-      if "height" not in size or "width" not in size:
-        raise DatasetError(f"{path}: size {size} has no height/width (only fixed-size resizing "
-                           "is supported)")
-      size = (size["height"], size["width"])
-    mean = tuple(cfg.get("image_mean", (0.5,) * num_channels)) if cfg.get("do_normalize", True) \
-        else (0.0,) * num_channels
-    std = tuple(cfg.get("image_std", (0.5,) * num_channels)) if cfg.get("do_normalize", True) \
-        else (1.0,) * num_channels
-    rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
-    return cls(size, num_channels, mean, std, float(rescale))
-
-  def __call__(self, images):
-    x = jnp.asarray(images)
-    if x.ndim != 4:
-      raise ValueError(f"images must be [N, H, W, C], got shape {x.shape}")
-    scale = self.rescale if x.dtype == jnp.uint8 else 1.0
-    x = x.astype(jnp.float32) * scale
-    c = x.shape[-1]
-    if c != self.num_channels:
-      if c != 1:
-        raise ValueError(f"images have {c} channels; the model expects {self.num_channels}")
-      x = jnp.repeat(x, self.num_channels, axis=-1)
-    if tuple(x.shape[1:3]) != self.image_size:
-      x = jax.image.resize(x, (x.shape[0], *self.image_size, x.shape[-1]), "bilinear")
-    return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
