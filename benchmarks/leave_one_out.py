@@ -143,7 +143,7 @@ def _with_head(model, splits, seed, epochs, rank, targets):
   """The base with a head for the sites' labels: head + LoRA trained on one site, the LoRA
   merged into the kernels, so that the result is again a plain frozen base."""
   from rpe_jax.compose import merge_into, with_adapter
-  from rpe_jax.train import TrainConfig, train_adapter
+  from rpe_jax.tasks.classification import TrainConfig, train_adapter
   result = train_adapter(model, splits.train, splits.val,
                          TrainConfig(rank=rank, epochs=epochs, seed=seed, targets=targets,
                                      train_head=True),
@@ -156,8 +156,8 @@ def base_and_library(args, uris, splits):
   from models import hf
   from rpe_jax import demo, prototypes
   from rpe_jax.library.catalog import Library
-  from rpe_jax.pipeline import load_model
-  from rpe_jax.train import TrainConfig, train_adapter
+  from rpe_jax import load_model
+  from rpe_jax.tasks.classification import TrainConfig, train_adapter
   if _uses_demo_cache(args, uris):
     model = demo.foundation()
     return model, demo.library(model), None
@@ -209,7 +209,7 @@ def accuracy_with(model, adapter, test) -> float:
   same function as running it unmerged, but every adapter gives the same graph, so one
   compiled evaluation serves all ranks (a composition's rank varies with its weights)."""
   from rpe_jax.compose import merge_into
-  from rpe_jax.train import evaluate
+  from rpe_jax.tasks.classification import evaluate
   return evaluate(merge_into(model, adapter) if adapter else model, test)
 
 
@@ -233,7 +233,7 @@ def run_classification(args) -> dict:
 
   from rpe_jax.tasks import images as data_lib
   from rpe_jax import prototypes
-  from rpe_jax.train import evaluate
+  from rpe_jax.tasks.classification import evaluate
   t0 = time.perf_counter()
   uris = site_uris(args.data)
   names = [site_name(u) for u in uris]

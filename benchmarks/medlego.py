@@ -88,7 +88,7 @@ def task_uris(data) -> list[str]:
 
 
 def _config(args, **kw):
-  from rpe_jax.train import TrainConfig
+  from rpe_jax.tasks.classification import TrainConfig
   targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
   return TrainConfig(rank=args.rank, kind="svd", targets=targets, lr=args.lr, seed=args.seed,
                      train_head=True, **kw)
@@ -96,7 +96,7 @@ def _config(args, **kw):
 
 def train_specialists(model, names, splits, args):
   """{task: TrainResult}: one SVD-LoRA + head per task."""
-  from rpe_jax.train import train_adapter
+  from rpe_jax.tasks.classification import train_adapter
   out = {}
   for n in names:
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def evaluate_merged(adapter, tasks, specialists, splits, split="test") -> dict[s
   The adapter is merged into the kernels: the same function as running it unmerged, but
   one compiled evaluation per head serves every merge (whatever its ranks)."""
   from rpe_jax.compose import merge_into
-  from rpe_jax.train import evaluate
+  from rpe_jax.tasks.classification import evaluate
   return {t: evaluate(merge_into(head_model(specialists[t]), adapter) if adapter else
                       head_model(specialists[t]), getattr(splits[t], split)) for t in tasks}
 
@@ -172,7 +172,7 @@ def merge_table(model, tasks, specialists, splits, args) -> tuple[dict, dict]:
 def transfer(model, new, others, specialists, splits, args) -> dict:
   """Val accuracy per epoch on the new task: from the Med-LEGO merge of ``others`` vs fresh."""
   from rpe_jax.merge import medlego_merge
-  from rpe_jax.train import evaluate, train_adapter
+  from rpe_jax.tasks.classification import evaluate, train_adapter
   v = min(args.energy)
   start = medlego_merge([specialists[t].adapter for t in others], energy=v)
   start = __import__("jax").tree.map(np.asarray, start)
@@ -249,7 +249,7 @@ def main(argv=None):
     args.epochs = args.transfer_epochs = 3
     args.fractions, args.energy = args.fractions[:1], [0.9]
   from rpe_jax.tasks import images as data_lib
-  from rpe_jax.pipeline import load_model
+  from rpe_jax import load_model
   t0 = time.perf_counter()
   uris = task_uris(args.data)
   names = [_name(u) for u in uris]

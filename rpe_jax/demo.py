@@ -45,7 +45,7 @@ def _size() -> dict:
   """The demo's sizes: image side, foundation ViT config (None: the default), epochs."""
   if os.environ.get(SIZE_ENV, "") == "tiny":
     import dataclasses
-    from rpe_jax.train import foundation_config
+    from rpe_jax.tasks.classification import foundation_config
     config = dataclasses.replace(foundation_config(16), hidden_size=32, num_hidden_layers=2,
                                  intermediate_size=64)
     return {"image_size": 16, "model_config": config, "foundation_epochs": 1,
@@ -57,7 +57,7 @@ def _size() -> dict:
 def _recipe_key() -> str:
   """A short hash of everything that shapes the cached models, so a change rebuilds them."""
   from rpe_jax.tasks import images as data
-  from rpe_jax.train import FOUNDATION_SITES, foundation_config
+  from rpe_jax.tasks.classification import FOUNDATION_SITES, foundation_config
   size = _size()
   recipe = repr((foundation_config(), FOUNDATION_SITES, sorted(data.SITES.items()),
                  ADAPTER_EPOCHS, SEED) + ((size,) if size["model_config"] else ()))
@@ -100,7 +100,7 @@ def foundation():
   from models import hf
   folder = cache_dir() / "foundation"
   if not (folder / "config.json").exists():
-    from rpe_jax.train import pretrain_foundation
+    from rpe_jax.tasks.classification import pretrain_foundation
 
     def build(tmp):
       size = _size()
@@ -121,7 +121,7 @@ def library(model):
   from rpe_jax import prototypes
   from rpe_jax.tasks import images as data
   from rpe_jax.library.catalog import Library
-  from rpe_jax.train import TrainConfig, train_adapter
+  from rpe_jax.tasks.classification import TrainConfig, train_adapter
   folder = cache_dir() / "library"
   if not (folder / "catalog.sqlite").exists():
 
@@ -149,7 +149,7 @@ def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: floa
   from rpe_jax.tasks import images as data
   from rpe_jax.compose import combine, with_adapter
   from rpe_jax.pipeline import compose_targets
-  from rpe_jax.train import evaluate
+  from rpe_jax.tasks.classification import evaluate
 
   t0 = time.perf_counter()
   model = foundation()

@@ -1,6 +1,6 @@
 """README command one, `python -m rpe_jax.compose` with no arguments, at the demo's test size.
 
-The demo's own code path (rpe_jax.demo via rpe_jax.pipeline.main) runs with
+The demo's own code path (rpe_jax.demo via rpe_jax.cli.compose.main) runs with
 RPE_JAX_DEMO_SIZE=tiny (16-px images, a 2-layer ViT, one epoch) in a temporary cache: two
 concurrent first runs build it and leave one valid cache; a second run reuses it untouched.
 """
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from rpe_jax import data, demo, train
+from rpe_jax import demo
+from rpe_jax.tasks import classification as train
+from rpe_jax.tasks import images as data
 from rpe_jax.library import Library
-from rpe_jax.pipeline import main
+from rpe_jax.cli.compose import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written out here, not read from demo.STRATEGIES, so that dropping one from the demo fails.

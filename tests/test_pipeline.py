@@ -8,7 +8,7 @@ import pytest
 from models.lora import LoRA, is_lora, to_flat
 from rpe_jax.library import adapter_file
 from rpe_jax.library.catalog import Library
-from rpe_jax.pipeline import main
+from rpe_jax.cli.compose import main
 
 PATHS = ("layers.0.query", "layers.0.value", "layers.1.query")
 D = 12

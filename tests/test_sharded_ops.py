@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models.lora import LoRA, SVDLoRA, is_lora, to_flat
-from models.vit import ViTForImageClassification
+from models.vit import ViTConfig, ViTForImageClassification
 from oracles import dense
 from rpe_jax import compose
 from rpe_jax.parallel import sharded_ops as ops
@@ -48,9 +48,9 @@ def test_tsqr_on_sharded_rows():
 def test_sharded_combine_equals_single_device_concat(vit):
   mesh = sh.make_mesh("data=4,model=2")
   adapters = library(vit, VIT_TARGETS, [2, 2, 2, 2])
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
-  wanted = sh.adapter_shardings(compose.combine(adapters, WEIGHTS), mesh, model_type="vit")
-  out = ops.sharded_combine(placed, WEIGHTS, mesh, model_type="vit")
+  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type=ViTConfig)
+  wanted = sh.adapter_shardings(compose.combine(adapters, WEIGHTS), mesh, model_type=ViTConfig)
+  out = ops.sharded_combine(placed, WEIGHTS, mesh, model_type=ViTConfig)
   assert_shardings(out, wanted)
   single = compose.combine(adapters, WEIGHTS)
   jax.tree.map(assert_close, out, single)          # same layout: factor for factor
@@ -86,7 +86,7 @@ def test_sharded_combine_mixed_ranks_and_kinds_to_one_sharding(vit):
 def test_sharded_combine_all_svd_keeps_svd_form(vit):
   mesh = sh.make_mesh("data=4,model=2")
   adapters = library(vit, ("value",), [2, 2, 2, 2], ["svd"] * 4)
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
+  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type=ViTConfig)
   out = ops.sharded_combine(placed, WEIGHTS, mesh)
   single = compose.combine(adapters, WEIGHTS)
   assert all(isinstance(x, SVDLoRA) for x in jax.tree.leaves(out, is_leaf=is_lora))
@@ -103,10 +103,10 @@ def _top_svd(exact, r):
 def test_sharded_combine_truncated_equals_single_device(vit, rank, energy):
   mesh = sh.make_mesh("data=4,model=2")
   adapters = library(vit, ("query", "output", "fc1"), [2, 3, 2, 1], seed=5)
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
-  out = ops.sharded_combine(placed, WEIGHTS, mesh, rank=rank, energy=energy, model_type="vit")
+  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type=ViTConfig)
+  out = ops.sharded_combine(placed, WEIGHTS, mesh, rank=rank, energy=energy, model_type=ViTConfig)
   single = compose.combine(adapters, WEIGHTS, rank=rank, energy=energy)
-  assert_shardings(out, sh.adapter_shardings(single, mesh, model_type="vit"))
+  assert_shardings(out, sh.adapter_shardings(single, mesh, model_type=ViTConfig))
   for path, leaf in to_flat(out).items():
     ref = to_flat(single)[path]
     assert isinstance(leaf, SVDLoRA) and leaf.rank == ref.rank
@@ -292,7 +292,7 @@ def _assert_same_adapter_file(got, want):
 
 
 def test_compose_cli_on_a_mesh_equals_single_device(tmp_path, capsys):
-  from rpe_jax.pipeline import main
+  from rpe_jax.cli.compose import main
   common = _cli_library(tmp_path)
   assert main(common + ["--out", str(tmp_path / "one")]) == 0
   assert main(common + ["--out", str(tmp_path / "mesh"), "--mesh", "data=4,model=2"]) == 0
@@ -311,7 +311,7 @@ def test_compose_cli_across_two_processes(tmp_path, capsys):
   import socket
   import subprocess
   import sys
-  from rpe_jax.pipeline import main
+  from rpe_jax.cli.compose import main
   common = _cli_library(tmp_path)
   assert main(common + ["--out", str(tmp_path / "one")]) == 0
   capsys.readouterr()

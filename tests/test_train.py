@@ -10,7 +10,7 @@ from flax import nnx
 from models.lora import LoRA, SVDLoRA, adapted_layers, is_lora, orthogonality_penalty
 from models.vit import ViTConfig
 from models.preprocessing import Normalization
-from rpe_jax import train
+from rpe_jax.tasks import classification as train
 from rpe_jax.tasks import images as data
 from rpe_jax.library.adapter_file import load_adapter
 from rpe_jax.compose import adapter_of

@@ -5,8 +5,8 @@ A module is imported only when its command runs, so ``rpe --help`` is fast and a
 optional dependency of one command does not break the others.
 
 Conventions for every command: bad input exits with code 2 and one line ``error: <message>``
-on stderr (``ValueError`` — e.g. ``LibraryError`` — and missing/unreadable input files map
-to it; ``rpe --traceback ...`` shows the traceback instead); ``--json`` for machine output;
+on stderr (``guarded``: ``ValueError`` — e.g. ``LibraryError`` —, ``OSError`` and the other
+``USER_ERRORS`` map to it; ``rpe --traceback ...`` shows the traceback instead); ``--json`` for machine output;
 ``--help`` everywhere; progress bars (tqdm, on stderr) for long work.
 """
 
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sqlite3
 import sys
 
 # command → (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "library": ("rpe_jax.cli.library", "the adapter library: init, add, import-peft, "
                 "export-peft, list, show, query, remove, verify"),
-    "train": ("rpe_jax.train", "fine-tune LoRA / SVD-LoRA adapters to build a library"),
-    "compose": ("rpe_jax.pipeline", "prototype → retrieve → weigh → compose for a new dataset"),
+    "train": ("rpe_jax.cli.train", "fine-tune LoRA / SVD-LoRA adapters to build a library"),
+    "compose": ("rpe_jax.cli.compose", "prototype → retrieve → weigh → compose for a new dataset"),
 }
 
 EXIT_BAD_INPUT = 2
@@ -44,8 +45,34 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def error(message: str) -> int:
   """Print the one-line error and return the bad-input exit code."""
-  print(f"error: {message}", file=sys.stderr)
+  print(f"error: {message}".splitlines()[0], file=sys.stderr)
   return EXIT_BAD_INPUT
+
+
+# Failures caused by the user's input or environment: one line and exit 2, never a traceback
+# (unless --traceback). OSError covers missing, unreadable and unwritable files.
+USER_ERRORS = (ValueError, OSError, EOFError, OverflowError, RecursionError, sqlite3.Error)
+
+
+def _describe(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.filename:
+    return f"{e.strerror or type(e).__name__}: {e.filename}"
+  if isinstance(e, RecursionError):
+    return f"input nested too deeply to parse ({e})"
+  return str(e) or type(e).__name__
+
+
+def guarded(call, *, traceback: bool = False) -> int:
+  """The one error boundary of every front door: run ``call()`` and map a user error to
+  exit 2 with one line (``--traceback`` re-raises instead); Ctrl-C is exit 130."""
+  try:
+    return int(call() or 0)
+  except USER_ERRORS as e:
+    if traceback:
+      raise
+    return error(_describe(e))
+  except KeyboardInterrupt:
+    return 130
 
 
 def _load(command: str):
@@ -87,16 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[split + 1:])
   except SystemExit as e:
     return int(e.code or 0)
-  try:
-    return int(module.run(args) or 0)
-  except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-          PermissionError) as e:
-    if opts.traceback:
-      raise
-    return error(str(e) if not isinstance(e, OSError) or not e.filename
-                 else f"{e.strerror}: {e.filename}")
-  except KeyboardInterrupt:
-    return 130
+  return guarded(lambda: module.run(args), traceback=opts.traceback)
 
 
 if __name__ == "__main__":

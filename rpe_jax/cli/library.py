@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from rpe_jax.library import adapter_file
+from rpe_jax.cli.model_spec import load_model
 from rpe_jax.library.catalog import Entry, Library, LibraryError
 
 
@@ -92,21 +93,9 @@ def _add(args) -> int:
   return 0
 
 
-def _model(spec: str):
-  """The base model of `--model`: an HF checkpoint folder, or "demo" (as `rpe compose`)."""
-  if spec == "demo":
-    from rpe_jax import demo
-    return demo.foundation()
-  if not (Path(spec) / "config.json").is_file():
-    raise LibraryError(f"--model {spec}: not a Hugging Face checkpoint folder (no "
-                       "config.json) and not 'demo'")
-  from models import hf
-  return hf.load(spec)
-
-
 def _import_peft(args) -> int:
   from rpe_jax.library import peft_io
-  adapter = peft_io.read_peft(args.folder, _model(args.model))
+  adapter = peft_io.read_peft(args.folder, load_model(args.model))
   base_model = args.base_model
   if base_model is None:
     config = json.loads((Path(args.folder) / peft_io.CONFIG_NAME).read_text())
@@ -125,7 +114,7 @@ def _export_peft(args) -> int:
   with Library.open(args.library, readonly=True) as lib:
     entry = lib.get(args.name)
     adapter = lib.load(args.name)
-  folder = peft_io.write_peft(adapter, _model(args.model), args.folder,
+  folder = peft_io.write_peft(adapter, load_model(args.model), args.folder,
                               base_model_name_or_path=entry.base_model)
   _emit(args, {"name": args.name, "folder": str(folder)},
         f"exported {args.name} to {folder}")

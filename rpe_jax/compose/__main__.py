@@ -1,7 +1,7 @@
-"""`python -m rpe_jax.compose`: the main job's command line (``rpe_jax.pipeline``)."""
+"""`python -m rpe_jax.compose`: the main job's command line (``rpe_jax.cli.compose``)."""
 
 import sys
 
-from rpe_jax.pipeline import main
+from rpe_jax.cli.compose import main
 
 sys.exit(main())

@@ -35,9 +35,10 @@ import optax
 from flax import nnx
 
 from models import llama
-from models.lora import LoRAParam, init_adapters, total_orthogonality_penalty
+from models.lora import LoRAParam, init_adapters
 from rpe_jax.compose import adapter_of, with_adapter
 from rpe_jax.prototypes import Prototype
+from rpe_jax.training import OptimConfig, fit
 
 # --- Data -----------------------------------------------------------------------------
 
@@ -286,32 +287,28 @@ class TextTrainResult(NamedTuple):
   losses: np.ndarray     # per step
 
 
-@functools.lru_cache(maxsize=32)
-def _optimizer(lr, weight_decay, warmup_steps, steps, clip_norm):
-  """One optax transformation per hyper-parameter set (a static jit argument: reusing
-  the same object lets adapters trained with the same settings share one compile)."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup_steps, steps - 1)),
-                                                steps)
-  return optax.chain(optax.clip_by_global_norm(clip_norm),
-                     optax.adamw(schedule, weight_decay=weight_decay))
+def report_loss(model, batch):
+  """``impression_loss`` on a batch {input_ids, attention_mask, loss_mask}."""
+  return impression_loss(model, batch["input_ids"], batch["attention_mask"],
+                         batch["loss_mask"]), {}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "ortho_weight"))
-def _train_step(graphdef, params, rest, opt_state, ids, attn, loss_mask, *, tx, ortho_weight):
-  def loss_fn(p):
-    model = nnx.merge(graphdef, p, rest)
-    loss = impression_loss(model, ids, attn, loss_mask)
-    if ortho_weight:
-      loss = loss + ortho_weight * total_orthogonality_penalty(adapter_of(model))
-    return loss
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss
+def _sampler(data: TokenBatch, config: TextTrainConfig):
+  """``config.steps`` batches from per-epoch permutations seeded by (seed, epoch)."""
+  n = len(data.input_ids)
+  per_epoch = n // config.batch_size
+  for step in range(config.steps):
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng((config.seed, epoch)).permutation(n)
+    idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+    yield {"input_ids": data.input_ids[idx], "attention_mask": data.attention_mask[idx],
+           "loss_mask": data.loss_mask[idx]}
 
 
 def train_adapter(model: llama.LlamaForCausalLM, data: TokenBatch,
                   config: TextTrainConfig = TextTrainConfig()) -> TextTrainResult:
-  """Fit a fresh LoRA / SVD-LoRA adapter on ``data`` (base frozen) with AdamW.
+  """Fit a fresh LoRA / SVD-LoRA adapter on ``data`` (base frozen) with AdamW
+  (``rpe_jax.training``).
 
   Steps draw fixed-size batches from a per-epoch permutation seeded by ``config.seed``,
   so a run is deterministic. The learning rate warms up linearly then decays by cosine.
@@ -326,25 +323,15 @@ def train_adapter(model: llama.LlamaForCausalLM, data: TokenBatch,
   fresh = with_adapter(model, {})
   init_adapters(fresh, config.targets, config.rank, kind=config.kind,
                 rngs=nnx.Rngs(config.seed))
-  graphdef, params, rest = nnx.split(fresh, LoRAParam, ...)
-  tx = _optimizer(float(config.lr), float(config.weight_decay), int(config.warmup_steps),
-                  int(config.steps), float(config.clip_norm))
-  opt_state = tx.init(params)
   ortho = config.ortho_weight if config.ortho_weight is not None else (
       0.1 if config.kind == "svd" else 0.0)
-  per_epoch = n // config.batch_size
-  losses = []
-  for step in range(config.steps):
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng((config.seed, epoch)).permutation(n)
-    idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-    params, opt_state, loss = _train_step(
-        graphdef, params, rest, opt_state, jnp.asarray(data.input_ids[idx]),
-        jnp.asarray(data.attention_mask[idx]), jnp.asarray(data.loss_mask[idx]), tx=tx,
-        ortho_weight=float(ortho))
-    losses.append(loss)
-  trained = nnx.merge(graphdef, params, rest)
-  return TextTrainResult(adapter_of(trained), trained, np.asarray(jax.device_get(losses)))
+  optim = OptimConfig(lr=float(config.lr), weight_decay=float(config.weight_decay),
+                      clip_norm=float(config.clip_norm),
+                      warmup_steps=max(1, min(int(config.warmup_steps), config.steps - 1)),
+                      schedule="warmup_cosine", ortho_weight=float(ortho))
+  result = fit(fresh, LoRAParam, report_loss, lambda epoch: _sampler(data, config),
+               epochs=1, steps_per_epoch=config.steps, config=optim)
+  return TextTrainResult(adapter_of(result.model), result.model, result.losses)
 
 
 # --- Prototypes -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from models.lora import LoRAParam, init_adapters
 from models.sam import DECODER_TARGETS, ENCODER_TARGETS, SamConfig, SamModel
 from models.sam_decoder import SamMaskDecoderConfig, SamPromptEncoderConfig
 from models.sam_encoder import SamVisionConfig
+from rpe_jax.training import OptimConfig, fit
 
 PROMPTS = ("box", "none")
 
@@ -343,27 +344,36 @@ def _copy(model: nnx.Module) -> nnx.Module:
   return nnx.merge(graphdef, state, copy=True)
 
 
-@functools.lru_cache(maxsize=16)
-def _stepper(graphdef, lr: float, steps: int, weight_decay: float, use_boxes: bool):
-  """(optimizer, jitted step), cached so runs on same-structure models share one compile."""
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay))
+@dataclasses.dataclass(frozen=True)
+class SegLoss:
+  """Dice + BCE of the predicted mask logits on a batch {images, masks, boxes}."""
 
-  @jax.jit
-  def step(params, rest, opt_state, images, masks, boxes):
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, rest)
-      return dice_bce_loss(mask_logits(m, images, boxes if use_boxes else None), masks)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  use_boxes: bool
 
-  return tx, step
+  def __call__(self, model, batch):
+    logits = mask_logits(model, batch["images"], batch["boxes"] if self.use_boxes else None)
+    return dice_bce_loss(logits, batch["masks"]), {}
+
+
+def _sampler(ds: SegDataset, config: SegTrainConfig):
+  """``config.steps`` batches: a seeded permutation, re-drawn when it runs out; training
+  boxes are jittered by the same generator."""
+  rng = np.random.default_rng(config.seed)
+  n, bs = len(ds.images), min(config.batch_size, len(ds.images))
+  order, pos = rng.permutation(n), 0
+  for _ in range(config.steps):
+    if pos + bs > n:
+      order, pos = rng.permutation(n), 0
+    idx = order[pos:pos + bs]
+    pos += bs
+    boxes = boxes_from_masks(ds.masks[idx], config.box_jitter, rng)
+    yield {"images": ds.images[idx], "masks": ds.masks[idx], "boxes": boxes}
 
 
 def train(model: SamModel, ds: SegDataset, config: SegTrainConfig = SegTrainConfig(), *,
           trainable: str = "adapter") -> SegTrainResult:
-  """Train on ``ds`` with Dice + BCE; returns a new model (``model`` is not modified).
+  """Train on ``ds`` with Dice + BCE (``rpe_jax.training``: AdamW, cosine decay, clipping at
+  1); returns a new model (``model`` is not modified).
 
   ``trainable="adapter"``: fresh adapters on ``config.targets`` (zero-initialised b, so the
   start is the frozen model) and only their factors train. ``"all"``: every weight trains
@@ -376,28 +386,14 @@ def train(model: SamModel, ds: SegDataset, config: SegTrainConfig = SegTrainConf
   if trainable == "adapter":
     init_adapters(model, config.targets, config.rank, kind=config.kind,
                   rngs=nnx.Rngs(config.seed))
-  wanted = LoRAParam if trainable == "adapter" else nnx.Param
-  graphdef, params, rest = nnx.split(model, wanted, ...)
-  tx, step = _stepper(graphdef, config.lr, config.steps, config.weight_decay,
-                      config.prompt == "box")
-  opt_state = tx.init(params)
-
-  rng = np.random.default_rng(config.seed)
-  n, bs = len(ds.images), min(config.batch_size, len(ds.images))
-  losses = np.empty(config.steps, np.float32)
-  order, pos = rng.permutation(n), 0
-  for t in range(config.steps):
-    if pos + bs > n:
-      order, pos = rng.permutation(n), 0
-    idx = order[pos:pos + bs]
-    pos += bs
-    boxes = boxes_from_masks(ds.masks[idx], config.box_jitter, rng)
-    params, opt_state, loss = step(params, rest, opt_state, jnp.asarray(ds.images[idx]),
-                                   jnp.asarray(ds.masks[idx]), jnp.asarray(boxes))
-    losses[t] = float(loss)
-  if not np.all(np.isfinite(losses)):
+  optim = OptimConfig(lr=config.lr, weight_decay=config.weight_decay, clip_norm=1.0,
+                      schedule="cosine")
+  result = fit(model, LoRAParam if trainable == "adapter" else nnx.Param,
+               SegLoss(config.prompt == "box"), lambda epoch: _sampler(ds, config),
+               epochs=1, steps_per_epoch=config.steps, config=optim)
+  if not np.all(np.isfinite(result.losses)):
     raise FloatingPointError(f"training on {ds.name!r} diverged (non-finite loss)")
-  return SegTrainResult(nnx.merge(graphdef, params, rest), losses)
+  return SegTrainResult(result.model, result.losses)
 
 
 def pretrain_base(sites=("clean",), *, size: int = 32, steps: int = 400, prompt: str = "box",

@@ -1,0 +1,234 @@
+"""`python -m rpe_jax.compose` (also `rpe compose`): the main job's command line.
+
+prototype → retrieve → weigh → compose (``rpe_jax.pipeline``) for one or many unlabeled
+targets, then the outputs: the composed adapter (our safetensors, a PEFT folder or an orbax
+checkpoint), optionally the merged model, and a report (table, or JSON with ``--json``).
+
+With no arguments (or ``--demo [options]``) it runs the demo on the embedded default
+(``rpe_jax.demo``). Bad input exits with code 2 and one line, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from rpe_jax import pipeline
+from rpe_jax.cli import guarded
+from rpe_jax.cli.model_spec import load_model
+from rpe_jax.weighting import STRATEGIES
+
+FORMATS = ("safetensors", "peft", "orbax")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+  parser.description = ("Compose the library's adapters for new, unlabeled target datasets: "
+                        "prototype → retrieve → weigh → compose. With no arguments, run the "
+                        "demo on the built-in data.")
+  parser.add_argument("--library", help="adapter library directory (see `rpe library`)")
+  parser.add_argument("--model", help="base model: an HF checkpoint folder, or 'demo' for the "
+                      "demo's built-in ViT; needed with --data, --merge and --format peft")
+  target = parser.add_mutually_exclusive_group()
+  target.add_argument("--data", action="append", metavar="URI",
+                      help="target dataset URI (medmnist:, tfds:, folder:, sites:, tasks:); "
+                      "repeat for several targets; its prototype uses the model's encoder")
+  target.add_argument("--prototype", action="append", metavar="FILE.npy",
+                      help="target prototype file: [d] or a batch [B, d]; repeatable")
+  parser.add_argument("--data-root", help="folder holding dataset files (medmnist npz, tfds)")
+  parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                      help="which split of --data is the unlabeled target (default test)")
+  parser.add_argument("--encoder", help="library encoder id (default: the only one)")
+  parser.add_argument("--pooling", default=None, choices=("cls", "mean"),
+                      help="feature pooling for --data (default: the encoder's)")
+  parser.add_argument("--k", type=int, default=4, help="adapters to retrieve (default 4)")
+  parser.add_argument("--strategy", default="sparse", choices=STRATEGIES,
+                      help="weighting strategy (default sparse)")
+  parser.add_argument("--lam1", type=float, default=1.0, help="temperature of 'sim'")
+  parser.add_argument("--lam2", type=float, default=10.0,
+                      help="ℓ1 weight of 'sparse' (seeds: 10 vision, 1 language)")
+  parser.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                      help="library adapter to leave out (repeatable; leave-one-out)")
+  parser.add_argument("--rank", type=int, help="re-truncate the composition to this rank")
+  parser.add_argument("--energy", type=float,
+                      help="re-truncate keeping singular values up to this cumulative share")
+  parser.add_argument("--out", help="output folder (nothing is written without it)")
+  parser.add_argument("--format", default="safetensors", choices=FORMATS,
+                      help="adapter output format (default safetensors)")
+  parser.add_argument("--merge", action="store_true",
+                      help="also write the base model with the adapter merged (HF layout)")
+  parser.add_argument("--json", action="store_true", help="print the report as JSON")
+  from rpe_jax.parallel import distributed   # --mesh and the multi-host flags (docs/multihost.md)
+  distributed.add_mesh_args(parser)
+
+
+def _check_args(args) -> None:
+  if not args.library:
+    raise ValueError("--library is required (or run with no arguments for the demo)")
+  if not (args.data or args.prototype):
+    raise ValueError("give the target as --data URI or --prototype FILE.npy")
+  if args.k < 1:
+    raise ValueError(f"--k must be >= 1, got {args.k}")
+  if args.lam1 < 0 or args.lam2 < 0:
+    raise ValueError("--lam1 and --lam2 must be >= 0")
+  if args.rank is not None and args.rank < 1:
+    raise ValueError(f"--rank must be >= 1, got {args.rank}")
+  if args.energy is not None and not 0 < args.energy <= 1:
+    raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
+  needs_model = args.data or args.merge or (args.out and args.format == "peft")
+  if needs_model and not args.model:
+    raise ValueError("--model is required with --data, --merge or --format peft")
+  if (args.merge or args.format != "safetensors") and not args.out:
+    raise ValueError("--merge and --format need --out")
+  if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+    raise ValueError(f"--out {args.out} exists and is not a folder")
+
+
+def _write_outputs(args, out: Path, target_names, composed, model, report) -> None:
+  """Write everything under a temporary folder first, then move it into ``out``."""
+  from rpe_jax.library import adapter_file
+  out.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=".tmp-compose-", dir=out))
+  try:
+    folders = []
+    for i, (name, adapter) in enumerate(zip(target_names, composed)):
+      folder = staging / (f"target-{i}" if len(composed) > 1 else "composed")
+      folder.mkdir()
+      if args.format == "safetensors":
+        adapter_file.save_adapter(folder / "adapter.safetensors", adapter,
+                                  {"target": name, "strategy": args.strategy})
+      elif args.format == "peft":
+        from rpe_jax.library import peft_io
+        peft_io.write_peft(adapter, model, folder / "peft")
+      else:
+        import orbax.checkpoint as ocp
+        tensors = adapter_file.as_tensors(adapter)
+        with ocp.StandardCheckpointer() as ckpt:
+          ckpt.save((folder / "orbax").absolute(), tensors)
+      if args.merge:
+        from models import hf
+        from rpe_jax.compose import merge_into
+        hf.save(merge_into(model, adapter), folder / "merged")
+      folders.append(folder)
+    (staging / "report.json").write_text(json.dumps(report, indent=2))
+    for item in sorted(staging.iterdir()):
+      dest = out / item.name
+      if dest.exists():
+        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+      os.replace(item, dest)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def format_table(name, names, sqdist, weights) -> str:
+  """The seeds' weight table: adapter, squared prototype distance, weight."""
+  width = max([len("adapter")] + [len(n) for n in names])
+  lines = [f"target: {name}", f"| {'adapter':<{width}} | distance² | weight |",
+           f"|{'-' * (width + 2)}|-----------|--------|"]
+  for n, d, w in zip(names, sqdist, weights):
+    lines.append(f"| {n:<{width}} | {d:9.4g} | {w:6.3f} |")
+  return "\n".join(lines)
+
+
+def run(args) -> int:
+  """``rpe compose`` / ``python -m rpe_jax.compose`` with parsed arguments."""
+  import jax
+  from rpe_jax.parallel import distributed
+  from solvers import sparse_simplex
+  _check_args(args)
+  # Multi-host: join before anything touches a device; process 0 alone writes files.
+  distributed.maybe_initialize_distributed(args)
+  mesh = distributed.mesh_from_args(args) if getattr(args, "mesh", None) else None
+  if args.out and args.format == "orbax" and jax.process_count() > 1:
+    raise ValueError("--format orbax is not supported in a multi-process run; use "
+                     "safetensors or peft (written by process 0)")
+  clock = pipeline.Clock()
+  library = pipeline.open_library(args.library)
+  encoder = args.encoder
+  # Read the datasets before the (slower) model so that a bad URI fails fast.
+  datasets = (pipeline.load_datasets(args.data, args.split, args.data_root) if args.data
+              else None)
+  model = None
+  with clock("model"):
+    if args.model and (args.data or args.merge or args.format == "peft"):
+      model = load_model(args.model)
+  known = library.encoders()
+  if encoder is None and len(known) != 1:
+    raise ValueError(f"the library has encoders {sorted(known)}; name one with --encoder")
+  encoder = encoder if encoder is not None else next(iter(known))
+  if encoder not in known:
+    raise ValueError(f"--encoder {encoder!r} is not in the library; it has {sorted(known)}")
+  sizes = None
+  with clock("prototype"):
+    if args.prototype:
+      target_names, z = pipeline.targets_from_prototypes(args.prototype)
+    else:
+      pooling = args.pooling or known[encoder]["pooling"]
+      target_names = list(args.data)
+      z, sizes = pipeline.dataset_prototypes(datasets, model, pooling, progress=not args.json)
+  if z.shape[1] != known[encoder]["dim"]:
+    raise ValueError(f"target prototype dimension {z.shape[1]} does not match encoder "
+                     f"{encoder!r} of the library ({known[encoder]['dim']}-dimensional): "
+                     "a prototype of another encoder?")
+  found, w, composed, kept = pipeline.compose_targets(
+      library, z, k=args.k, strategy=args.strategy, lam1=args.lam1, lam2=args.lam2,
+      encoder=encoder, exclude=args.exclude, rank=args.rank, energy=args.energy, clock=clock,
+      mesh=mesh)
+  status_names = [sparse_simplex.status_name(int(s)) for s in np.atleast_1d(w.status)]
+  targets = []
+  for b, name in enumerate(target_names):
+    targets.append({
+        "target": name,
+        "n_samples": None if sizes is None else sizes[b],
+        "retrieved": [str(n) for n in found.names[b]],
+        "sqdist": [float(x) for x in np.asarray(w.sqdist[b])],
+        "weights": [float(x) for x in np.asarray(w.weights[b])],
+        "composed": kept[b],
+        "reconstruction_error": float(w.error[b]),
+        "solver_status": status_names[b],
+    })
+  report = {
+      "library": str(Path(args.library).absolute()),
+      "strategy": args.strategy, "k": args.k, "lam1": args.lam1, "lam2": args.lam2,
+      "exclude": args.exclude, "rank": args.rank, "energy": args.energy,
+      "targets": targets, "timings_s": {},
+  }
+  write = args.out and distributed.is_primary()
+  if write:
+    with clock("write"):
+      _write_outputs(args, Path(args.out), target_names, composed, model, report)
+  report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
+  if write:   # rewrite with the final timings
+    (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
+  if args.json:
+    print(json.dumps(report, indent=2))
+  else:
+    for t in targets:
+      print(format_table(t["target"], t["retrieved"], t["sqdist"], t["weights"]))
+      print(f"reconstruction error {t['reconstruction_error']:.4g}, solver "
+            f"{t['solver_status']}\n")
+    if args.out:
+      print(f"wrote {args.out}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of ``python -m rpe_jax.compose``."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] == "--demo":
+    from rpe_jax import demo
+    return guarded(lambda: demo.main(argv[1:]))
+  parser = argparse.ArgumentParser(prog="python -m rpe_jax.compose")
+  configure(parser)
+  parser.add_argument("--traceback", action="store_true", help="full traceback on errors")
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  return guarded(lambda: run(args), traceback=args.traceback)

@@ -1,0 +1,50 @@
+"""The one resolver of a `--model` spec: an HF checkpoint folder or a built-in name.
+
+* an HF checkpoint folder (``config.json`` + safetensors) → ``models.hf.load``, with the
+  image preprocessing of its ``preprocessor_config.json`` when there is one;
+* ``demo`` → the demo's foundation ViT (pre-trained once, then loaded from the cache);
+* ``tiny-foundation`` → the same small ViT recipe, pre-trained here and now with ``seed``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+BUILTIN_MODELS = ("demo", "tiny-foundation")
+
+
+class ResolvedModel(NamedTuple):
+  model: Any            # the Flax NNX model
+  normalization: Any    # its image preprocessing (``models.preprocessing.Normalization``)
+
+
+def resolve_model(spec: str, *, seed: int = 0, progress: bool = False,
+                  option: str = "--model") -> ResolvedModel:
+  """The model named by ``spec`` and its preprocessing; ``ValueError`` naming ``option``
+  when ``spec`` is neither a checkpoint folder nor a built-in name."""
+  from models.preprocessing import Normalization
+  if spec == "demo":
+    from rpe_jax import demo
+    model = demo.foundation()
+    return ResolvedModel(model, Normalization.for_model(model))
+  if spec == "tiny-foundation":
+    from rpe_jax.tasks.classification import pretrain_foundation
+    model, _ = pretrain_foundation(seed=seed, progress=progress)
+    return ResolvedModel(model, Normalization.for_model(model))
+  folder = Path(spec)
+  if not (folder / "config.json").is_file():
+    raise ValueError(f"{option} {spec}: not an HF checkpoint folder (no config.json) and not "
+                     f"a built-in name ({', '.join(BUILTIN_MODELS)})")
+  from models import hf
+  model = hf.load(folder)
+  if (folder / "preprocessor_config.json").is_file():
+    return ResolvedModel(model, Normalization.from_hf(str(folder), model.config.num_channels))
+  config = model.config
+  return ResolvedModel(model, Normalization.for_model(model)
+                       if hasattr(config, "image_size") else None)
+
+
+def load_model(spec: str, **kw):
+  """Just the model of ``resolve_model``."""
+  return resolve_model(spec, **kw).model
