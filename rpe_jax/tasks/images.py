@@ -30,6 +30,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from rpe_jax.tasks import sites
+from rpe_jax.tasks.sites import SITES
+
 
 class DatasetError(ValueError):
   """A dataset URI, file or folder that cannot be read as a labeled image dataset."""
@@ -298,27 +301,6 @@ def _load_folder(rest, uri, data_root, seed) -> Splits:
 
 _BUILTIN_SIZE = 32
 
-# Each site re-renders real digit scans with the shift of one "scanner/vendor", like the
-# prostate MRI sites of the seeds. Keys (applied in this order, all per-site constants plus
-# small per-image jitter where noted):
-#   rotate   rotation in degrees (± 5° jitter per image)     — patient positioning
-#   lowres   acquired at this many pixels, then upsampled    — resolution
-#   blur     Gaussian σ in output pixels                     — point-spread function
-#   gamma / contrast / offset   y = offset + contrast · x^gamma  — intensity response
-#   bias     amplitude of a smooth multiplicative field 1 + bias·(ramp)  — coil bias field
-#   invert   y = 1 − y                                       — inverted contrast weighting
-#   noise    Rician noise σ: |y + n₁ + i n₂|                 — thermal noise
-SITES: dict[str, dict] = {
-    "clean": {},
-    "blur": {"lowres": 12, "blur": 1.2},
-    "lowcontrast": {"gamma": 1.8, "contrast": 0.5, "offset": 0.25},
-    "noisy": {"noise": 0.2},
-    "bias": {"bias": 0.9},
-    "inverted": {"invert": True, "gamma": 0.8},
-    "rotated": {"rotate": 35.0},
-    "scanner": {"lowres": 16, "blur": 0.8, "gamma": 0.7, "noise": 0.08},
-}
-
 # Label tasks for Med-LEGO: (classes, label function of the digit, site rendering).
 _LOOPS = np.array([1, 0, 0, 0, 1, 0, 1, 0, 2, 1])   # closed loops in each digit's glyph
 TASKS: dict[str, tuple[tuple[str, ...], Callable, str]] = {
@@ -344,35 +326,13 @@ def _builtin_parts(rest, uri):
 
 def render_site(scans: np.ndarray, site: str, size: int = _BUILTIN_SIZE, *,
                 seed: int = 0) -> np.ndarray:
-  """Render 8×8 scans in [0, 1] as uint8 [N, size, size, 1] images with the site's shift."""
-  from scipy import ndimage
+  """Render 8×8 scans in [0, 1] as uint8 [N, size, size, 1] images with the site's shift
+  (``rpe_jax.tasks.sites.render``)."""
   if site not in SITES:
     raise DatasetError(f"unknown site {site!r}; sites: {', '.join(SITES)}")
-  p = SITES[site]
-  rng = np.random.default_rng([seed, sorted(SITES).index(site), 1])
-  n = scans.shape[0]
-  acquired = p.get("lowres", size)
-  x = ndimage.zoom(scans, (1, acquired / 8, acquired / 8), order=1, grid_mode=True,
-                   mode="grid-constant")
-  if "rotate" in p:
-    angles = p["rotate"] + rng.uniform(-5, 5, n)
-    x = np.stack([ndimage.rotate(im, a, reshape=False, order=1) for im, a in zip(x, angles)])
-  if acquired != size:
-    x = ndimage.zoom(x, (1, size / acquired, size / acquired), order=0, grid_mode=True,
-                     mode="grid-constant")
-  if "blur" in p:
-    x = ndimage.gaussian_filter(x, (0, p["blur"], p["blur"]))
-  x = np.clip(x, 0.0, 1.0)
-  x = p.get("offset", 0.0) + p.get("contrast", 1.0) * x ** p.get("gamma", 1.0)
-  if "bias" in p:
-    t = np.linspace(-1.0, 1.0, size)
-    ramp = (t[None, :, None] + 0.5 * t[None, None, :]) / 1.5   # fixed direction per site
-    x = x * (1.0 + p["bias"] * ramp)
-  if p.get("invert"):
-    x = 1.0 - x
-  if "noise" in p:
-    x = np.hypot(x + rng.normal(0, p["noise"], x.shape), rng.normal(0, p["noise"], x.shape))
-  return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)[..., None]
+  rng = np.random.default_rng([seed, sites.site_index(site), 1])
+  x = sites.render(scans, site, size, rng)
+  return np.round(x * 255).astype(np.uint8)[..., None]
 
 
 def _digits(member_index: int, seed: int):

@@ -35,31 +35,11 @@ from models.lora import LoRAParam, init_adapters
 from models.sam import DECODER_TARGETS, ENCODER_TARGETS, SamConfig, SamModel
 from models.sam_decoder import SamMaskDecoderConfig, SamPromptEncoderConfig
 from models.sam_encoder import SamVisionConfig
+from rpe_jax.tasks import sites
+from rpe_jax.tasks.sites import SITES
 from rpe_jax.training import OptimConfig, fit
 
 PROMPTS = ("box", "none")
-
-# Site shifts, applied in this order (all per-site constants; jitter per image where noted):
-#   rotate   degrees (± 5° jitter), image and mask      — patient positioning
-#   lowres   acquired at this many pixels, upsampled     — resolution
-#   blur     Gaussian σ in output pixels                 — point-spread function
-#   gamma / contrast / offset   y = offset + contrast · x^gamma
-#   bias     amplitude of a multiplicative ramp field    — coil bias field
-#   invert   y = 1 − y                                   — another contrast weighting
-#   noise    Rician σ: |y + n₁ + i n₂|                   — thermal noise
-SITES: dict[str, dict] = {
-    "clean": {},
-    "blur": {"lowres": 12, "blur": 1.0},
-    "lowcontrast": {"gamma": 1.8, "contrast": 0.45, "offset": 0.3},
-    "noisy": {"noise": 0.18},
-    "bias": {"bias": 0.9},
-    "inverted": {"invert": True, "gamma": 0.8},
-    "rotated": {"rotate": 40.0},
-    "scanner": {"lowres": 16, "blur": 0.7, "gamma": 0.7, "noise": 0.1},
-}
-_SHIFT_KEYS = {"rotate", "lowres", "blur", "gamma", "contrast", "offset", "bias", "invert",
-               "noise"}
-
 
 class SegDataset(NamedTuple):
   """images float32 [N, H, W, 1] in [0, 1]; masks bool [N, H, W]; a name."""
@@ -121,41 +101,14 @@ def _anatomy(n: int, size: int, rng: np.random.Generator):
 
 
 def apply_site(images: np.ndarray, masks: np.ndarray, site: str, *, seed: int = 0):
-  """Apply the acquisition shift of ``site`` to clean images [N, H, W] (masks follow only the
-  geometric part). Returns (images float32 [N, H, W, 1] in [0, 1], masks bool [N, H, W])."""
-  from scipy import ndimage
+  """Apply the acquisition shift of ``site`` (``rpe_jax.tasks.sites``) to clean images
+  [N, H, W] (masks follow only the geometric part). Returns (images float32 [N, H, W, 1] in
+  [0, 1], masks bool [N, H, W])."""
   if site not in SITES:
     raise ValueError(f"unknown segmentation site {site!r}; sites: {', '.join(SITES)}")
-  p = SITES[site]
-  unknown = set(p) - _SHIFT_KEYS
-  if unknown:
-    raise ValueError(f"site {site!r} has unknown shift keys {sorted(unknown)}")
-  rng = np.random.default_rng([seed, sorted(SITES).index(site), 7])
-  n, size = images.shape[0], images.shape[1]
-  x, m = images.astype(np.float64), masks
-  if "rotate" in p:
-    angles = p["rotate"] + rng.uniform(-5, 5, n)
-    x = np.stack([ndimage.rotate(im, a, reshape=False, order=1, mode="nearest")
-                  for im, a in zip(x, angles)])
-    m = np.stack([ndimage.rotate(mk.astype(np.float64), a, reshape=False, order=1) > 0.5
-                  for mk, a in zip(m, angles)])
-  if "lowres" in p:
-    f = p["lowres"] / size
-    low = ndimage.zoom(x, (1, f, f), order=1, grid_mode=True, mode="nearest")
-    x = ndimage.zoom(low, (1, size / low.shape[1], size / low.shape[2]), order=1,
-                     grid_mode=True, mode="nearest")
-  if "blur" in p:
-    x = ndimage.gaussian_filter(x, (0, p["blur"], p["blur"]))
-  x = np.clip(x, 0.0, 1.0)
-  x = p.get("offset", 0.0) + p.get("contrast", 1.0) * x ** p.get("gamma", 1.0)
-  if "bias" in p:
-    t = np.linspace(-1.0, 1.0, size)
-    x = x * (1.0 + p["bias"] * (t[None, :, None] + 0.5 * t[None, None, :]) / 1.5)
-  if p.get("invert"):
-    x = 1.0 - x
-  if "noise" in p:
-    x = np.hypot(x + rng.normal(0, p["noise"], x.shape), rng.normal(0, p["noise"], x.shape))
-  return np.clip(x, 0.0, 1.0).astype(np.float32)[..., None], m.astype(bool)
+  rng = np.random.default_rng([seed, sites.site_index(site), 7])
+  x, m = sites.render(images.astype(np.float64), site, images.shape[1], rng, masks=masks)
+  return x.astype(np.float32)[..., None], m
 
 
 class SegSplits(NamedTuple):
