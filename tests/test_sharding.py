@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models.llama import LlamaForCausalLM
 from models.lora import LoRA, Linear, SVDLoRA, is_lora, to_flat
-from models.vit import ViTForImageClassification
+from models.vit import ViTConfig, ViTForImageClassification
 from oracles import dense
 from rpe_jax import compose
 from rpe_jax.parallel import distributed
@@ -77,7 +77,7 @@ def test_vit_rules_tensor_parallel_and_fsdp(vit):
   model = compose.with_adapter(vit, random_adapter(vit, ("query", "output"), 2, 0))
   mesh = sh.make_mesh("data=2,model=4")
   flat = lambda preset: {sh._dotted(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
-      sh.state_shardings(nnx.state(model), mesh, model_type="vit", preset=preset))[0]}
+      sh.state_shardings(nnx.state(model), mesh, model_type=ViTConfig, preset=preset))[0]}
   tp, both = flat("tp"), flat("fsdp_tp")
   att = "vit.layers.0.attention"
   # Column-parallel q: out on model; row-parallel output: in on model (hand-written oracle).
@@ -109,8 +109,8 @@ def test_rules_replicate_indivisible_dims_unless_strict():
     sh.to_spec(("embed", "heads"), (16, 12), mesh, "tp", strict=True, where="q.kernel")
   with pytest.raises(ValueError, match="preset must be one of"):
     sh.to_spec(("embed",), (16,), mesh, "megatron")
-  with pytest.raises(ValueError, match="model_type"):
-    sh.state_shardings({}, mesh, model_type="bert")
+  with pytest.raises(ValueError, match="model_type must be a model config .* the string 'vit'"):
+    sh.state_shardings({}, mesh, model_type="vit")
   assert sh.model_type_of(LlamaForCausalLM(LLAMA, rngs=nnx.Rngs(0))) == "llama"
 
 
@@ -193,14 +193,14 @@ def test_shipped_rules_are_on_the_configs(vit, llama):
   from models.vit import ViTConfig
   for name, config, model in (("vit", ViTConfig, vit), ("llama", LlamaConfig, llama)):
     assert config.model_type == name and sh.model_type_of(model) == name
-    assert sh.partition_rules(name) is config.sharding_rules
+    assert sh.partition_rules(config) is config.sharding_rules
     assert sh.partition_rules(model) is config.sharding_rules
     assert sh.partition_rules(model.config) is config.sharding_rules
-  assert sh.partition_rules("sam") is SamConfig.sharding_rules
-  # An adapter sharded by the model-type string, the config or the model: the same specs.
+  assert sh.partition_rules(SamConfig) is SamConfig.sharding_rules
+  # An adapter sharded by the config class, the config or the model: the same specs.
   adapter = random_adapter(vit, VIT_TARGETS, 2, 0)
   mesh = sh.make_mesh("data=2,model=4")
-  by_name = sh.adapter_shardings(adapter, mesh, model_type="vit", preset="fsdp_tp")
+  by_name = sh.adapter_shardings(adapter, mesh, model_type=ViTConfig, preset="fsdp_tp")
   for spec in (vit.config, vit):
     other = sh.adapter_shardings(adapter, mesh, model_type=spec, preset="fsdp_tp")
     assert jax.tree.leaves(other) == jax.tree.leaves(by_name)
@@ -217,7 +217,7 @@ def test_a_model_without_rules_is_refused_by_name():
       call()
   with pytest.raises(ValueError, match="has no model_type"):
     sh.model_type_of(_Toy(_ToyConfig(), rngs=nnx.Rngs(0)))
-  with pytest.raises(ValueError, match="model_type must be one of .* got a _PlainConfig"):
+  with pytest.raises(ValueError, match="model_type must be a model config .* got a _PlainConfig"):
     sh.adapter_shardings({}, mesh, model_type=_PlainConfig())
   with pytest.raises(ValueError, match="_BadConfig.sharding_rules must be a sequence"):
     sh.partition_rules(_BadConfig())
@@ -247,7 +247,7 @@ def test_stack_adapters_is_exact_and_pads(vit):
 def test_place_library_shards_the_library_axis(vit):
   mesh = sh.make_mesh("data=4,model=2")
   stack = sh.stack_adapters(library(vit, ("query", "output"), [2, 2, 2, 2]))
-  placed = sh.place_library(stack, mesh, "data", model_type="vit")
+  placed = sh.place_library(stack, mesh, "data", model_type=ViTConfig)
   q = to_flat(placed)["vit.layers.0.attention.query"]
   o = to_flat(placed)["vit.layers.0.attention.output"]
   assert (q.a.sharding.spec, q.b.sharding.spec) == (P("data", None, None), P("data", None, "model"))
@@ -279,7 +279,7 @@ def test_sam_rules():
   model = compose.with_adapter(abstract, random_adapter(abstract, ("qkv",), 2, 3))
   mesh = sh.make_mesh("data=2,model=4")
   specs = {sh._dotted(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(
-      sh.state_shardings(nnx.state(model), mesh, model_type="sam", preset="fsdp_tp"))[0]}
+      sh.state_shardings(nnx.state(model), mesh, model_type=SamConfig, preset="fsdp_tp"))[0]}
   layer = "vision_encoder.layers.0"
   assert specs[f"{layer}.attn.qkv.kernel"] == P("data", "model")
   assert specs[f"{layer}.attn.qkv.bias"] == P("model")
@@ -315,8 +315,8 @@ def test_sam_sharded_encoder_forward_with_adapter():
 def test_sharded_vit_forward_with_composed_adapter(vit, preset):
   mesh = sh.make_mesh("data=2,model=4")
   adapters = library(vit, VIT_TARGETS, [2, 2, 2, 2], seed=11)
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="vit")
-  composed = ops.sharded_combine(placed, WEIGHTS, mesh, model_type="vit", preset=preset)
+  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type=ViTConfig)
+  composed = ops.sharded_combine(placed, WEIGHTS, mesh, model_type=ViTConfig, preset=preset)
   model = compose.with_adapter(vit, composed)
   forward, state = sh.sharded_forward(model, mesh, preset=preset)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 3)), jnp.float32)
@@ -335,8 +335,8 @@ def test_sharded_vit_forward_with_composed_adapter(vit, preset):
 def test_sharded_llama_forward_with_composed_adapter(llama):
   mesh = sh.make_mesh("data=2,model=4")
   adapters = library(llama, LLAMA_TARGETS, [2, 2, 2, 2], seed=21)
-  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type="llama")
-  composed = ops.sharded_combine(placed, WEIGHTS, mesh, rank=4, model_type="llama")
+  placed = sh.place_library(sh.stack_adapters(adapters), mesh, "data", model_type=LlamaConfig)
+  composed = ops.sharded_combine(placed, WEIGHTS, mesh, rank=4, model_type=LlamaConfig)
   model = compose.with_adapter(llama, composed)
   forward, state = sh.sharded_forward(model, mesh, preset="tp")
   ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, size=(4, 6)), jnp.int32)
@@ -353,11 +353,11 @@ def test_sharded_llama_forward_with_composed_adapter(llama):
 def test_adapter_checkpoint_restores_onto_another_mesh(vit, tmp_path):
   mesh_a, mesh_b = sh.make_mesh("data=2,model=4"), sh.make_mesh("data=4,model=2")
   adapter = random_adapter(vit, VIT_TARGETS, 4, 7)
-  saved = jax.device_put(adapter, sh.adapter_shardings(adapter, mesh_a, model_type="vit"))
+  saved = jax.device_put(adapter, sh.adapter_shardings(adapter, mesh_a, model_type=ViTConfig))
   path = distributed.save_checkpoint(tmp_path / "adapter", saved)
   with pytest.raises(FileExistsError):
     distributed.save_checkpoint(tmp_path / "adapter", saved)
-  wanted = sh.adapter_shardings(adapter, mesh_b, model_type="vit", preset="fsdp_tp")
+  wanted = sh.adapter_shardings(adapter, mesh_b, model_type=ViTConfig, preset="fsdp_tp")
   restored = distributed.restore_checkpoint(path, adapter, wanted)
   assert_shardings(restored, wanted)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
@@ -370,7 +370,7 @@ def test_model_checkpoint_restores_onto_another_mesh(vit, tmp_path):
   sh.shard_model(model, mesh_a, "fsdp_tp")
   path = distributed.save_checkpoint(tmp_path / "model", nnx.state(model))
   abstract = nnx.state(nnx.eval_shape(lambda: ViTForImageClassification(VIT, rngs=nnx.Rngs(0))))
-  wanted = sh.state_shardings(abstract, mesh_b, model_type="vit", preset="tp")
+  wanted = sh.state_shardings(abstract, mesh_b, model_type=ViTConfig, preset="tp")
   restored = distributed.restore_checkpoint(path, abstract, wanted)
   assert_shardings(restored, wanted)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),

@@ -43,10 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from models.llama import LlamaConfig
 from models.lora import LoRA, SVDLoRA, from_flat, to_flat
-from models.sam import SamConfig
-from models.vit import ViTConfig
 
 # --- Meshes ---------------------------------------------------------------------------------
 
@@ -130,7 +127,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # The configs a model-type string names (HF's ``model_type``), for callers that hold an
 # adapter or a state but not the model. Any other config with ``sharding_rules`` is used
 # directly: pass it (or its class, or the model) as ``model_type``.
-MODEL_CONFIGS: dict[str, type] = {c.model_type: c for c in (ViTConfig, LlamaConfig, SamConfig)}
 
 PRESETS: dict[str, dict[str, str]] = {
     "replicated": {},
@@ -158,14 +154,13 @@ def partition_rules(model_type) -> tuple:
   """The ``(path regex, logical axes)`` rules for ``model_type``.
 
   model_type: a model (an ``nnx.Module`` whose ``config`` has a ``sharding_rules``
-    ClassVar); a model config, or config class, with ``sharding_rules``; or a model-type
-    string naming one of ``MODEL_CONFIGS`` ("vit", "llama", "sam").
+    ClassVar), or a model config or config class with ``sharding_rules`` (e.g.
+    ``models.vit.ViTConfig``). The rules are read from what is handed in: this module
+    imports no model port.
   """
   if isinstance(model_type, str):
-    if model_type not in MODEL_CONFIGS:
-      raise ValueError(f"model_type must be one of {sorted(MODEL_CONFIGS)} (or a model "
-                       f"config with sharding_rules), got {model_type!r}")
-    return MODEL_CONFIGS[model_type].sharding_rules
+    raise ValueError(f"model_type must be a model config with sharding_rules or a model "
+                     f"(e.g. models.vit.ViTConfig), got the string {model_type!r}")
   if isinstance(model_type, nnx.Module):
     config = getattr(model_type, "config", None)
     rules = _config_rules(config)
@@ -177,8 +172,8 @@ def partition_rules(model_type) -> tuple:
     return rules
   rules = _config_rules(model_type)
   if rules is None:
-    raise ValueError(f"model_type must be one of {sorted(MODEL_CONFIGS)}, a model config "
-                     f"with sharding_rules or a model, got a {type(model_type).__name__}")
+    raise ValueError(f"model_type must be a model config with sharding_rules or a model, "
+                     f"got a {type(model_type).__name__}")
   return rules
 
 
