@@ -128,3 +128,103 @@ def test_solver_max_iter_reaches_the_weights_status():
   np.testing.assert_allclose(w.weights[:2], direct.weights, rtol=0, atol=1e-12)
   np.testing.assert_allclose(np.asarray(w.weights[:2]).sum(-1), 1.0, atol=1e-12)
   assert list(sparse_simplex.status_name(avg.status)) == ["converged", "converged"]
+
+
+# --------------------------------------------------------------------------- scale-free λ2
+
+
+def test_lam2_rel_zero_is_lin_and_one_is_simplex_against_clarabel():
+  rng = np.random.default_rng(11)
+  refs = rng.normal(size=(4, 6, 20)) + 3.0
+  targets = rng.normal(size=(4, 20)) * 3 + 3.0  # spread out: most affine projections leave the hull
+  with jax.enable_x64(True):
+    lin = weighting.compute_weights(refs, targets, "sparse", lam2_rel=0.0)
+    simplex = weighting.compute_weights(refs, targets, "sparse", lam2_rel=1.0)
+    beyond = weighting.compute_weights(refs, targets, "sparse", lam2_rel=3.0)
+  for i in range(4):
+    np.testing.assert_allclose(lin.weights[i], _cvxpy_weights(refs[i], targets[i], 0.0)[0], atol=1e-6)
+    np.testing.assert_allclose(simplex.weights[i], _cvxpy_weights(refs[i], targets[i], 0.0, True)[0], atol=1e-6)
+  np.testing.assert_allclose(beyond.weights, simplex.weights, atol=1e-12)
+  np.testing.assert_array_equal(lin.lam2, 0.0)
+  np.testing.assert_allclose(simplex.lam2, simplex.lam_star)
+  assert np.all(np.asarray(simplex.lam_star) > 0)  # lin and simplex differ on every problem
+  assert np.all(np.abs(np.asarray(lin.weights) - np.asarray(simplex.weights)).max(-1) > 1e-2)
+  assert np.all(np.asarray(lin.status) == sparse_simplex.CONVERGED)
+
+
+def test_lam2_rel_between_is_the_absolute_lambda_per_problem():
+  # λ2 = c·λ* differs per problem; each problem equals Clarabel at its own absolute λ2
+  rng = np.random.default_rng(12)
+  refs = rng.normal(size=(3, 5, 15)) * np.array([1.0, 3.0, 10.0])[:, None, None]
+  targets = rng.normal(size=(3, 15)) * np.array([1.0, 3.0, 10.0])[:, None]
+  with jax.enable_x64(True):
+    result = weighting.compute_weights(refs, targets, "sparse", lam2_rel=0.5)
+  lam_star = np.asarray(result.lam_star)
+  assert lam_star[2] > 10 * lam_star[0]  # the scale moves λ*, which is the point
+  np.testing.assert_allclose(result.lam2, 0.5 * lam_star, rtol=1e-12)
+  for i in range(3):
+    np.testing.assert_allclose(result.weights[i], _cvxpy_weights(refs[i], targets[i], 0.5 * lam_star[i])[0],
+                               atol=1e-6)
+
+
+def test_simplex_and_absolute_sparse_report_lam_star():
+  refs, target = _problem(5, offset=3.0)
+  with jax.enable_x64(True):
+    simplex = weighting.compute_weights(refs, target, "simplex")
+    sparse = weighting.compute_weights(refs, target, "sparse", lam2=0.3)
+    lin = weighting.compute_weights(refs, target, "lin")
+  np.testing.assert_allclose(sparse.lam_star, simplex.lam_star, rtol=1e-10)
+  np.testing.assert_allclose(sparse.lam2, 0.3)
+  assert simplex.lam2 is None and lin.lam_star is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lam2=1.0, lam2_rel=0.5), "not both"),
+    (dict(lam2_rel=-0.5), "lam2_rel"),
+    (dict(lam2_rel=float("nan")), "lam2_rel"),
+    (dict(lam2=-1.0), "lam2"),
+])
+def test_bad_lam2(kwargs, match):
+  refs, target = _problem(0)
+  with pytest.raises(ValueError, match=match):
+    weighting.compute_weights(refs, target, "sparse", **kwargs)
+
+
+# --------------------------------------------------------------------------- the λ path
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_lambda_path_equals_one_solve_per_lambda(warm_start):
+  rng = np.random.default_rng(13)
+  refs = rng.normal(size=(6, 20)) + 3.0
+  targets = rng.normal(size=(2, 20)) * 3 + 3.0
+  rel = np.linspace(0.0, 1.5, 7)
+  with jax.enable_x64(True):
+    path = weighting.lambda_path(refs, targets, rel, relative=True, warm_start=warm_start)
+    assert path.weights.shape == (2, 7, 6)
+    assert np.all(np.asarray(path.lam_star) > 0)
+    for i in range(2):
+      for j, c in enumerate(rel):
+        lam = float(path.lam_star[i]) * c
+        one = weighting.compute_weights(refs, targets[i], "sparse", lam2=lam)
+        np.testing.assert_allclose(path.weights[i, j], one.weights, atol=1e-9)
+        np.testing.assert_allclose(path.lam[i, j], lam, rtol=1e-12)
+        w = np.asarray(path.weights[i, j])
+        np.testing.assert_allclose(path.error[i, j], ((targets[i] - w @ refs) ** 2).sum(), rtol=1e-9)
+        np.testing.assert_allclose(path.l1[i, j], np.abs(w).sum(), rtol=1e-12)
+  l1 = np.asarray(path.l1)
+  assert np.all(np.diff(l1, axis=-1) <= 1e-9)  # ‖w‖₁ shrinks along the path ...
+  np.testing.assert_allclose(l1[:, rel >= 1], 1.0, atol=1e-9)  # ... to 1 at λ*
+  assert np.all(np.asarray(path.status) == sparse_simplex.CONVERGED)
+
+
+def test_lambda_path_absolute_and_errors():
+  refs, target = _problem(7, offset=3.0)
+  with jax.enable_x64(True):
+    path = weighting.lambda_path(refs, target, [0.0, 0.3])
+    one = weighting.compute_weights(refs, target, "sparse", lam2=0.3)
+  np.testing.assert_allclose(path.weights[1], one.weights, atol=1e-9)
+  with pytest.raises(ValueError, match="lams"):
+    weighting.lambda_path(refs, target, [])
+  with pytest.raises(ValueError, match="lams"):
+    weighting.lambda_path(refs, target, [0.1, -1.0])
