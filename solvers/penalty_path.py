@@ -147,8 +147,10 @@ def solve_path(refs, target, lams, *, init=None, tol=None, max_iter=None) -> Pat
     target: [..., d] target prototypes.
     lams: [..., n] (or [n], shared) values of λ ≥ 0.
     init: None for a cold path (``sparse_simplex.solve`` on the [..., n] batch, every member
-      from w = 1/k); or [..., k] starting weights for a warm path — pass the simplex
-      solution (``exact_penalty_threshold(...).weights``). Warm: the primal active-set
+      from w = 1/k); or starting weights for a warm path, [..., k] shared by a problem's n
+      values of λ or [..., n, k] (the full batch shape) one per member — e.g. the simplex
+      solution (``exact_penalty_threshold(...).weights``), exact for λ ≥ λ*. Warm: the
+      primal active-set
       method runs on all n·batch members at once from ``init``; the members it does not
       finish (non-optimal face after 2k rounds, singular face) are solved cold, in one
       solve taken only if there is any.
@@ -173,7 +175,11 @@ def solve_path(refs, target, lams, *, init=None, tol=None, max_iter=None) -> Pat
   if init is None:
     sol = sparse_simplex.solve(refs, target, lams, constraint="affine", **opts)
     return Path(lams, sol.weights, sol.objective, sol.status, jnp.zeros(lams.shape, bool))
-  init = jnp.broadcast_to(jnp.asarray(init, refs.dtype), batch + (k,))
+  init = jnp.asarray(init, refs.dtype)
+  if init.ndim == len(batch) + 2:  # one start per member
+    init = jnp.broadcast_to(init, batch + (n, k))
+  else:  # one start per problem, shared by its n values of λ
+    init = jnp.broadcast_to(init, batch + (k,))[..., None, :]
   return _warm_path(refs, target, lams, init, tuple(sorted(opts.items())))
 
 
@@ -192,13 +198,13 @@ def _objective(refs, target, w, lam):
 
 @functools.partial(jax.jit, static_argnums=(4,))
 def _warm_path(refs, target, lams, init, opts):
-  # refs [..., 1, k, d], target [..., 1, d], lams [..., n], init [..., k]
+  # refs [..., 1, k, d], target [..., 1, d], lams [..., n], init [..., 1 or n, k]
   n, k = lams.shape[-1], refs.shape[-2]
   batch = lams.shape
   G, c = _centred_gram(refs, target)  # [..., 1, k, k], [..., 1, k]: formed once per problem
   G = jnp.broadcast_to(G, batch + (k, k)).reshape(-1, k, k)
   c = jnp.broadcast_to(c, batch + (k,)).reshape(-1, k)
-  w0 = jnp.broadcast_to(init[..., None, :], batch + (k,)).reshape(-1, k)
+  w0 = jnp.broadcast_to(init, batch + (k,)).reshape(-1, k)
   w, ok, done = polish(G, c, lams.reshape(-1), w0, False)
   good = ok & done & jnp.all(jnp.isfinite(w), -1)
   w = w.reshape(batch + (k,))

@@ -110,3 +110,15 @@ def test_path_rejects_negative_lambda():
   refs, target = _problems(6, n=1)
   with pytest.raises(ValueError, match="lams"):
     penalty_path.solve_path(refs, target, np.array([0.0, -1.0]))
+
+
+def test_per_member_starts():
+  # [..., n, k] starts, one per member (here uniform weights and the lin weights)
+  refs, target = _problems(7, n=2)
+  lams = np.array([0.0, 0.5, 2.0])
+  starts = np.stack([np.full((2, 6), 1 / 6), np.asarray(sparse_simplex.solve(refs, target, 0.0).weights),
+                     np.full((2, 6), 1 / 6)], 1)
+  path = penalty_path.solve_path(refs, target, lams, init=starts)
+  cold = penalty_path.solve_path(refs, target, lams)
+  np.testing.assert_allclose(path.weights, cold.weights, atol=1e-9)
+  assert np.all(np.asarray(path.status) == sparse_simplex.CONVERGED)
