@@ -209,7 +209,7 @@ class LambdaPath(NamedTuple):
   status: jax.Array
 
 
-def lambda_path(refs, target, lams, *, relative: bool = False, warm_start: bool = True,
+def lambda_path(refs, target, lams, *, relative: bool = False, warm_start: bool = False,
                 tol=None, max_iter=None) -> LambdaPath:
   """The ``sparse`` solution for every λ2 in ``lams``, solved as ONE batched solve.
 
@@ -222,9 +222,11 @@ def lambda_path(refs, target, lams, *, relative: bool = False, warm_start: bool 
     lams: [n] (or [..., n]) λ2 values ≥ 0; absolute, or multiples of each problem's λ* when
       ``relative`` (then 0 → ``lin``, 1 → ``simplex``).
     warm_start: solve every λ by the active-set method started from the simplex solution
-      (falling back to the cold solver where it does not finish); else every λ by the
-      FISTA solver from w = 1/k. Both give the same weights (see
-      benchmarks/lambda_path_speed.py for their speed).
+      (falling back to the cold solver where it does not finish); else (the default) every
+      λ by the FISTA solver from w = 1/k. Both give the same weights; the cold solve was
+      as fast or faster in every measured configuration (the active-set method changes one
+      index per round and the batch waits for its slowest member: docs/lambda_path_speed.md,
+      benchmarks/lambda_path_speed.py).
     tol, max_iter: passed to the solver.
 
   Returns:
