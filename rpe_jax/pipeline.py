@@ -96,7 +96,7 @@ def dataset_prototypes(datasets, model, pooling, progress) -> tuple[np.ndarray, 
   return np.stack([p.z for p in protos]), [p.n for p in protos]
 
 
-def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=None,
+def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=None, lam2_rel=None, encoder=None,
                     exclude=(), rank=None, energy=None, clock=None, mesh=None):
   """Retrieve, weigh and compose for a batch of target prototypes z [B, d].
 
@@ -112,6 +112,7 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=10.0, encoder=Non
     found = library.query(z, k, encoder=encoder, exclude=list(exclude))
   with clock("weigh"):
     w = weighting.compute_weights(found.references, z, strategy, lam1=lam1, lam2=lam2,
+                                  lam2_rel=lam2_rel,
                                   sqdist=found.distances)
   weights = np.asarray(w.weights, np.float64)
   cache: dict[str, dict] = {}

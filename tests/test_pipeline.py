@@ -410,3 +410,34 @@ def test_orbax_format_round_trips(library, tmp_path):
   assert set(restored) == set(expected)
   for key, value in expected.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), value)
+
+
+def test_lam2_rel_and_the_path_reach_the_report_and_the_plot(library, tmp_path, capsys):
+  """--lam2-rel 0 is lin and 1 is simplex (the weighting tests check both against Clarabel);
+  here: they travel through the main job, λ* is reported, --path writes one PNG per target."""
+  path, protos, _ = library
+  # Outside the hull of the prototypes: lin has a negative weight, so λ* > 0.
+  np.save(tmp_path / "z.npy", 1.6 * protos["site1"] - 0.6 * protos["site2"])
+  runs = {}
+  for strategy, extra in (("lin", []), ("simplex", []), ("sparse", ["--lam2-rel", "0"]),
+                          ("sparse", ["--lam2-rel", "1"])):
+    assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "3",
+                 "--strategy", strategy, "--json", *extra]) == 0
+    runs[(strategy, *extra)] = json.loads(capsys.readouterr().out)["targets"][0]
+  rel0, rel1 = runs[("sparse", "--lam2-rel", "0")], runs[("sparse", "--lam2-rel", "1")]
+  assert min(runs[("lin",)]["weights"]) < -0.05
+  np.testing.assert_allclose(rel0["weights"], runs[("lin",)]["weights"], atol=1e-4)
+  np.testing.assert_allclose(rel1["weights"], runs[("simplex",)]["weights"], atol=1e-4)
+  assert rel1["lam_star"] > 0 and rel1["lam2"] == pytest.approx(rel1["lam_star"], rel=1e-6)
+  assert rel0["lam2"] == 0.0
+  out = tmp_path / "out"
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "3",
+               "--lam2-rel", "0.5", "--path", "--out", str(out), "--json"]) == 0
+  t = json.loads(capsys.readouterr().out)["targets"][0]
+  assert len(t["lambda_path"]["lam"]) == 31 and len(t["lambda_path"]["weights"][0]) == 3
+  png = (out / "lambda_path-0.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  # Both ways of giving λ2 at once is bad input: exit 2, one line.
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--lam2", "1",
+               "--lam2-rel", "1"]) == 2
+  assert "not allowed with argument" in capsys.readouterr().err

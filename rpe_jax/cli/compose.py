@@ -51,8 +51,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--strategy", default="sparse", choices=STRATEGIES,
                       help="weighting strategy (default sparse)")
   parser.add_argument("--lam1", type=float, default=1.0, help="temperature of 'sim'")
-  parser.add_argument("--lam2", type=float, default=10.0,
-                      help="ℓ1 weight of 'sparse' (seeds: 10 vision, 1 language)")
+  lam2 = parser.add_mutually_exclusive_group()
+  lam2.add_argument("--lam2", type=float, default=None,
+                    help="absolute ℓ1 weight of 'sparse' (default 10; seeds: 10 vision, 1 "
+                    "language)")
+  lam2.add_argument("--lam2-rel", type=float, default=None, metavar="C",
+                    help="scale-free ℓ1 weight of 'sparse': λ2 = C·λ* per target, λ* the "
+                    "exact-penalty threshold (0: lin, >= 1: simplex)")
+  parser.add_argument("--path", action="store_true",
+                      help="also solve the whole λ path (λ2/λ* in [0, 1.5]) per target and, "
+                      "with --out, draw it to lambda_path-<i>.png")
   parser.add_argument("--exclude", action="append", default=[], metavar="NAME",
                       help="library adapter to leave out (repeatable; leave-one-out)")
   parser.add_argument("--rank", type=int, help="re-truncate the composition to this rank")
@@ -75,8 +83,9 @@ def _check_args(args) -> None:
     raise ValueError("give the target as --data URI or --prototype FILE.npy")
   if args.k < 1:
     raise ValueError(f"--k must be >= 1, got {args.k}")
-  if args.lam1 < 0 or args.lam2 < 0:
-    raise ValueError("--lam1 and --lam2 must be >= 0")
+  if args.lam1 < 0 or (args.lam2 is not None and args.lam2 < 0) or (
+      args.lam2_rel is not None and args.lam2_rel < 0):
+    raise ValueError("--lam1, --lam2 and --lam2-rel must be >= 0")
   if args.rank is not None and args.rank < 1:
     raise ValueError(f"--rank must be >= 1, got {args.rank}")
   if args.energy is not None and not 0 < args.energy <= 1:
@@ -178,6 +187,7 @@ def run(args) -> int:
                      "a prototype of another encoder?")
   found, w, composed, kept = pipeline.compose_targets(
       library, z, k=args.k, strategy=args.strategy, lam1=args.lam1, lam2=args.lam2,
+      lam2_rel=args.lam2_rel,
       encoder=encoder, exclude=args.exclude, rank=args.rank, energy=args.energy, clock=clock,
       mesh=mesh)
   status_names = [sparse_simplex.status_name(int(s)) for s in np.atleast_1d(w.status)]
@@ -192,10 +202,26 @@ def run(args) -> int:
         "composed": kept[b],
         "reconstruction_error": float(w.error[b]),
         "solver_status": status_names[b],
+        "lam2": None if w.lam2 is None else float(np.asarray(w.lam2)[b]),
+        "lam_star": None if w.lam_star is None else float(np.asarray(w.lam_star)[b]),
     })
+  path = None
+  if args.path:
+    from rpe_jax import weighting
+    with clock("path"):
+      path = weighting.lambda_path(found.references, z, np.linspace(0.0, 1.5, 31),
+                                   relative=True)
+    for b, t in enumerate(targets):
+      t["lambda_path"] = {
+          "lam": np.asarray(path.lam[b]).tolist(), "lam_star": float(path.lam_star[b]),
+          "weights": np.asarray(path.weights[b]).tolist(),
+          "error": np.asarray(path.error[b]).tolist(), "l1": np.asarray(path.l1[b]).tolist(),
+          "status": [sparse_simplex.status_name(int(s)) for s in np.asarray(path.status[b])]}
   report = {
       "library": str(Path(args.library).absolute()),
-      "strategy": args.strategy, "k": args.k, "lam1": args.lam1, "lam2": args.lam2,
+      "strategy": args.strategy, "k": args.k, "lam1": args.lam1,
+      "lam2": args.lam2 if args.lam2 is not None or args.lam2_rel is not None else 10.0,
+      "lam2_rel": args.lam2_rel,
       "exclude": args.exclude, "rank": args.rank, "energy": args.energy,
       "targets": targets, "timings_s": {},
   }
@@ -203,6 +229,11 @@ def run(args) -> int:
   if write:
     with clock("write"):
       _write_outputs(args, Path(args.out), target_names, composed, model, report)
+      if path is not None:
+        from rpe_jax.weight_path_plot import plot_lambda_path
+        for b, t in enumerate(targets):
+          plot_lambda_path(path, Path(args.out) / f"lambda_path-{b}.png", index=b,
+                           names=t["retrieved"], title=f"λ path: {t['target']}")
   report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
   if write:   # rewrite with the final timings
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
