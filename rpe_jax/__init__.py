@@ -7,6 +7,7 @@ rpe_jax`` stays fast and does not import JAX):
     prototype, Prototype                   streamed mean encoder feature (rpe_jax.prototypes)
     search, build_index                    exact top-k retrieval (rpe_jax.retrieval)
     compute_weights, Weights, STRATEGIES   weighting strategies (rpe_jax.weighting)
+    lambda_path, LambdaPath                every λ2 of ``sparse`` in one batched solve
     combine, with_adapter, merge_into, adapter_of    exact composition (rpe_jax.compose)
     medlego_merge, task_arithmetic, ties_merge, lora_average   merging (rpe_jax.merge)
     compose_targets, ComposeResult         the main job as a function (rpe_jax.pipeline)
@@ -30,6 +31,8 @@ _API = {
     "compute_weights": "rpe_jax.weighting",
     "Weights": "rpe_jax.weighting",
     "STRATEGIES": "rpe_jax.weighting",
+    "lambda_path": "rpe_jax.weighting",
+    "LambdaPath": "rpe_jax.weighting",
     "combine": "rpe_jax.compose",
     "with_adapter": "rpe_jax.compose",
     "merge_into": "rpe_jax.compose",
