@@ -13,6 +13,11 @@ Per decoder layer, with RMSNorm(x) = w · x / sqrt(mean(x²) + eps) computed in 
 RoPE keeps HF's half-split layout: x·cos + rotate_half(x)·sin with
 rotate_half([x1, x2]) = [-x2, x1], so q/k kernels load without permutation. Grouped-query
 attention: query head h reads key/value head h // (n_heads / n_kv_heads).
+
+``dtype`` (float32 or bfloat16) is the weights' and activations' dtype; RMSNorm, the
+attention logits and softmax run in float32, and the logits come back in float32 (the
+lm_head runs in ``dtype``, as MaxText's ``cast_logits_to_fp32``). The attention kernel is
+``config.attention_impl`` (``models.layers``: fused, cuDNN on GPU, or written out).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.layers import check_attention_impl, fused_attention, resolve_attention_impl
 from models.lora import Linear
 
 # --- Config ---------------------------------------------------------------------------
@@ -80,8 +86,12 @@ class LlamaConfig:
   bos_token_id: int | None = None
   eos_token_id: tuple[int, ...] = ()
   pad_token_id: int | None = None
+  # Not an HF attribute: the attention kernel ("auto" | "fused" | "reference", see
+  # models.layers); every choice computes the same function.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    check_attention_impl(self.attention_impl)
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                        f"of num_key_value_heads ({self.num_key_value_heads})")
@@ -265,15 +275,18 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs):
     self.cfg = cfg
+    self.attention_impl = cfg.attention_impl
     h, d, b = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
     self.q_proj = Linear(h, cfg.num_attention_heads * d, use_bias=b, dtype=dtype, rngs=rngs)
     self.k_proj = Linear(h, cfg.num_key_value_heads * d, use_bias=b, dtype=dtype, rngs=rngs)
     self.v_proj = Linear(h, cfg.num_key_value_heads * d, use_bias=b, dtype=dtype, rngs=rngs)
     self.o_proj = Linear(cfg.num_attention_heads * d, h, use_bias=b, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, allowed, kv=None, index=None):
+  def __call__(self, x, cos, sin, allowed, kv=None, index=None, causal_only=False):
     """``allowed`` [batch, seq, keys] is the boolean attention pattern; with ``kv`` the
-    new keys/values are written at slot ``index`` and attention runs over the cache."""
+    new keys/values are written at slot ``index`` and attention runs over the cache.
+    ``causal_only``: ``allowed`` is the plain causal mask (no padding, no cache), which the
+    fused kernel applies itself (cuDNN then skips the masked blocks)."""
     cfg = self.cfg
     B, T, _ = x.shape
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
@@ -289,6 +302,10 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
       kv = (k, v)
+    if resolve_attention_impl(self.attention_impl) == "fused":
+      mask = None if causal_only else allowed[:, None]
+      out = fused_attention(q, k, v, mask=mask, scale=d ** -0.5, is_causal=causal_only)
+      return self.o_proj(out.reshape(B, T, -1)), kv
     q = q.reshape(B, T, nkv, groups, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) * (d ** -0.5)
@@ -318,8 +335,8 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-  def __call__(self, x, cos, sin, allowed, kv=None, index=None):
-    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, index)
+  def __call__(self, x, cos, sin, allowed, kv=None, index=None, causal_only=False):
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, index, causal_only)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -375,13 +392,14 @@ class LlamaForCausalLM(nnx.Module):
       n_keys = key_mask.shape[1]
     causal = jnp.arange(n_keys)[None, :] <= (start + jnp.arange(T))[:, None]
     allowed = causal[None] & key_mask[:, None, :]
+    causal_only = cache is None and attention_mask is None
 
     x = self.model.embed_tokens(input_ids)
     cos, sin = rope_cos_sin(cfg, positions, x.dtype)
     new_k, new_v = [], []
     for i, layer in enumerate(self.model.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, cos, sin, allowed, kv, start)
+      x, kv = layer(x, cos, sin, allowed, kv, start, causal_only)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -390,6 +408,7 @@ class LlamaForCausalLM(nnx.Module):
       logits = h @ self.model.embed_tokens.embedding[...].T
     else:
       logits = self.lm_head(h)
+    logits = logits.astype(jnp.float32)
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), key_mask,
                                                    start + T)
     return LlamaOutput(logits, h, new_cache)

@@ -25,6 +25,7 @@ from flax import nnx
 
 from models.sam_decoder import (MaskDecoder, PromptEncoder, SamMaskDecoderConfig,
                                 SamPromptEncoderConfig, dense_positions)
+from models.layers import check_attention_impl
 from models.sam_encoder import SamVisionConfig, VisionEncoder
 
 ENCODER_TARGETS = ("attn.qkv",)
@@ -95,8 +96,12 @@ class SamConfig:
   vision: SamVisionConfig = SamVisionConfig()
   prompt_encoder: SamPromptEncoderConfig = SamPromptEncoderConfig()
   mask_decoder: SamMaskDecoderConfig = SamMaskDecoderConfig()
+  # Not an HF attribute: the attention kernel of the encoder and the decoder ("auto" |
+  # "fused" | "reference", see models.layers); every choice computes the same function.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    check_attention_impl(self.attention_impl)
     v, p, d = self.vision, self.prompt_encoder, self.mask_decoder
     widths = {"vision.output_channels": v.output_channels,
               "2 * vision.num_pos_feats": 2 * v.num_pos_feats,
@@ -173,7 +178,10 @@ class SamOutput(NamedTuple):
 class SamModel(nnx.Module):
   """HF ``SamModel``: image encoder, prompt encoder, mask decoder (NHWC images).
 
-  ``dtype`` is the parameter dtype (built in float32, then cast); activations follow it.
+  ``dtype`` is the parameter dtype (built in float32, then cast); activations follow it
+  (pixels are cast to it). Whatever it is, the layer norms and attention softmaxes run in
+  float32, the random Fourier matrix stays float32 (its phases need float32: see
+  ``fourier_positions``), and the mask logits and IoU scores come back in float32.
   """
 
   hf_architecture = "SamModel"
@@ -184,12 +192,14 @@ class SamModel(nnx.Module):
     # Random Fourier features, shared by the prompt encoder and the dense image positions.
     self.shared_image_embedding = nnx.Param(
         (v.hidden_size // 2) * jax.random.normal(rngs.params(), (2, v.num_pos_feats)))
-    self.vision_encoder = VisionEncoder(v, rngs=rngs)
+    self.vision_encoder = VisionEncoder(v, rngs=rngs, attention_impl=config.attention_impl)
     self.prompt_encoder = PromptEncoder(config.prompt_encoder, rngs=rngs)
-    self.mask_decoder = MaskDecoder(config.mask_decoder, rngs=rngs)
+    self.mask_decoder = MaskDecoder(config.mask_decoder, rngs=rngs,
+                                    attention_impl=config.attention_impl)
     if jnp.dtype(dtype) != jnp.float32:
       for _, var in nnx.iter_graph(self):
-        if isinstance(var, nnx.Param) and var.get_value() is not None:
+        if (isinstance(var, nnx.Param) and var.get_value() is not None
+            and var is not self.shared_image_embedding):
           var.set_value(var.get_value().astype(dtype))
 
   def image_embeddings(self, pixel_values: jax.Array) -> jax.Array:
@@ -206,7 +216,12 @@ class SamModel(nnx.Module):
   def image_positional_embeddings(self) -> jax.Array:
     """The dense positional embedding [h, w, C] of the image-embedding grid."""
     return dense_positions(self.config.prompt_encoder.image_embedding_size,
-                           self.shared_image_embedding[...])
+                           self.shared_image_embedding[...]).astype(self.dtype)
+
+  @property
+  def dtype(self):
+    """The model's compute dtype (its parameters', the Fourier matrix aside)."""
+    return self.mask_decoder.iou_token[...].dtype
 
   def __call__(self, pixel_values=None, *, image_embeddings=None, points=None, labels=None,
                boxes=None, masks=None, multimask_output: bool = True) -> SamOutput:
@@ -245,7 +260,7 @@ class SamModel(nnx.Module):
     sparse, dense = self.prompt_encoder(gaussian, points, labels, boxes, masks)
     pred, iou = self.mask_decoder(image_embeddings, self.image_positional_embeddings(), sparse,
                                   dense, multimask_output)
-    return SamOutput(pred, iou, image_embeddings)
+    return SamOutput(pred.astype(jnp.float32), iou.astype(jnp.float32), image_embeddings)
 
 
 # --- HF checkpoints ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.layers import fused_attention, resolve_attention_impl
 from models.lora import Linear
 from models.sam_encoder import MLP, layer_norm
 
@@ -67,7 +68,10 @@ class SamMaskDecoderConfig:
 
 
 def fourier_positions(coords: jax.Array, gaussian: jax.Array) -> jax.Array:
-  """coords [..., 2] in [0, 1] → [..., 2·F]: [sin(2π(2c − 1)G), cos(2π(2c − 1)G)]."""
+  """coords [..., 2] in [0, 1] → [..., 2·F]: [sin(2π(2c − 1)G), cos(2π(2c − 1)G)], float32."""
+  # float32 whatever the model's dtype: with |G| ~ hidden/2 the phase reaches ~10⁴ rad,
+  # which bf16 cannot resolve (its spacing there is ~64 rad).
+  coords, gaussian = jnp.asarray(coords, jnp.float32), jnp.asarray(gaussian, jnp.float32)
   z = 2 * np.pi * ((2 * coords - 1) @ gaussian)
   return jnp.concatenate([jnp.sin(z), jnp.cos(z)], axis=-1)
 
@@ -150,7 +154,8 @@ class PromptEncoder(nnx.Module):
     if pad:
       points = jnp.concatenate([points, jnp.zeros_like(points[..., :1, :])], axis=-2)
       labels = jnp.concatenate([labels, -jnp.ones_like(labels[..., :1])], axis=-1)
-    emb = fourier_positions((points / self.config.image_size).astype(gaussian.dtype), gaussian)
+    emb = fourier_positions(points / self.config.image_size, gaussian)
+    emb = emb.astype(self.not_a_point_embed[...].dtype)
     lab = labels[..., None]
     emb = jnp.where(lab == -1, self.not_a_point_embed[...][0], emb)
     emb = jnp.where(lab == -10, 0.0, emb)
@@ -159,7 +164,8 @@ class PromptEncoder(nnx.Module):
 
   def embed_boxes(self, boxes, gaussian) -> jax.Array:
     corners = (boxes + 0.5).reshape(*boxes.shape[:-1], 2, 2)
-    emb = fourier_positions((corners / self.config.image_size).astype(gaussian.dtype), gaussian)
+    emb = fourier_positions(corners / self.config.image_size, gaussian)
+    emb = emb.astype(self.point_embed[2][...].dtype)
     corner = jnp.concatenate([self.point_embed[2][...], self.point_embed[3][...]], axis=0)
     return emb + corner
 
@@ -186,8 +192,10 @@ class PromptEncoder(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head attention with q/k/v projected to hidden // downsample channels."""
 
-  def __init__(self, config: SamMaskDecoderConfig, downsample: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: SamMaskDecoderConfig, downsample: int, *, rngs: nnx.Rngs,
+               attention_impl: str = "auto"):
     dim, inner = config.hidden_size, config.hidden_size // downsample
+    self.attention_impl = attention_impl
     self.num_heads = config.num_attention_heads
     self.q_proj = Linear(dim, inner, rngs=rngs)
     self.k_proj = Linear(dim, inner, rngs=rngs)
@@ -198,9 +206,16 @@ class Attention(nnx.Module):
     return x.reshape(*x.shape[:-1], self.num_heads, -1).swapaxes(-2, -3)   # [..., n, L, d]
 
   def __call__(self, q, k, v):
+    if resolve_attention_impl(self.attention_impl) == "fused":
+      q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+      lead = q.shape[:-2]
+      split = lambda t: t.reshape(-1, t.shape[-2], self.num_heads, t.shape[-1] // self.num_heads)
+      out = fused_attention(split(q), split(k), split(v))
+      return self.out_proj(out.reshape(*lead, q.shape[-2], -1))
     q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
     logits = (q @ k.swapaxes(-1, -2)) * q.shape[-1] ** -0.5
-    out = (jax.nn.softmax(logits, axis=-1) @ v).swapaxes(-2, -3)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = (probs @ v).swapaxes(-2, -3)
     return self.out_proj(out.reshape(*out.shape[:-2], -1))
 
 
@@ -208,17 +223,18 @@ class TwoWayBlock(nnx.Module):
   """Token self-attention, token→image, token MLP, image→token; post-norm each."""
 
   def __init__(self, config: SamMaskDecoderConfig, skip_first_layer_pe: bool, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention_impl: str = "auto"):
     c, eps = config.hidden_size, config.layer_norm_eps
     self.skip_first_layer_pe = skip_first_layer_pe
-    self.self_attn = Attention(config, 1, rngs=rngs)
+    attn = dict(rngs=rngs, attention_impl=attention_impl)
+    self.self_attn = Attention(config, 1, **attn)
     self.layer_norm1 = layer_norm(c, eps, rngs)
-    self.cross_attn_token_to_image = Attention(config, config.attention_downsample_rate, rngs=rngs)
+    self.cross_attn_token_to_image = Attention(config, config.attention_downsample_rate, **attn)
     self.layer_norm2 = layer_norm(c, eps, rngs)
     self.mlp = MLP(c, config.mlp_dim, "relu", rngs=rngs)
     self.layer_norm3 = layer_norm(c, eps, rngs)
     self.layer_norm4 = layer_norm(c, eps, rngs)
-    self.cross_attn_image_to_token = Attention(config, config.attention_downsample_rate, rngs=rngs)
+    self.cross_attn_image_to_token = Attention(config, config.attention_downsample_rate, **attn)
 
   def __call__(self, queries, keys, query_pe, key_pe):
     if self.skip_first_layer_pe:
@@ -254,17 +270,18 @@ class MaskDecoder(nnx.Module):
   """Two-way transformer over [iou, mask tokens, prompt tokens] × image, then masks by a
   per-token hypernetwork dotted with the 4× upscaled image features, and the IoU head."""
 
-  def __init__(self, config: SamMaskDecoderConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: SamMaskDecoderConfig, *, rngs: nnx.Rngs,
+               attention_impl: str = "auto"):
     self.config = config
     c = config.hidden_size
     self.num_mask_tokens = config.num_multimask_outputs + 1
     normal = nnx.initializers.normal(1.0)
     self.iou_token = nnx.Param(normal(rngs.params(), (1, c)))
     self.mask_tokens = nnx.Param(normal(rngs.params(), (self.num_mask_tokens, c)))
-    self.layers = nnx.List([TwoWayBlock(config, i == 0, rngs=rngs)
+    self.layers = nnx.List([TwoWayBlock(config, i == 0, rngs=rngs, attention_impl=attention_impl)
                             for i in range(config.num_hidden_layers)])
     self.final_attn_token_to_image = Attention(config, config.attention_downsample_rate,
-                                               rngs=rngs)
+                                               rngs=rngs, attention_impl=attention_impl)
     # torch nn.LayerNorm default eps, not the config's.
     self.layer_norm_final_attn = layer_norm(c, 1e-5, rngs)
     self.upscale_conv1 = ConvTranspose2d(c, c // 4, 2, 2, rngs=rngs)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.layers import LayerNorm, fused_attention, resolve_attention_impl
 from models.lora import Linear
 
 
@@ -67,9 +68,10 @@ class SamVisionConfig:
     return 0 if i in self.global_attn_indexes else self.window_size
 
 
-def layer_norm(n: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """torch-exact LayerNorm: the two-pass variance, not E[x²] - E[x]²."""
-  return nnx.LayerNorm(n, epsilon=eps, use_fast_variance=False, rngs=rngs)
+def layer_norm(n: int, eps: float, rngs: nnx.Rngs) -> LayerNorm:
+  """torch-exact LayerNorm: the two-pass variance, not E[x²] - E[x]², computed in float32
+  and cast back to the input's dtype (what torch does for bf16)."""
+  return LayerNorm(n, epsilon=eps, rngs=rngs)
 
 
 def interpolate_linear(x: np.ndarray | jax.Array, size: int) -> jax.Array:
@@ -100,11 +102,14 @@ def relative_positions(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Arra
 
 
 class VisionAttention(nnx.Module):
-  """Multi-head self-attention on a [B, h, w, C] grid with a fused qkv projection."""
+  """Multi-head self-attention on a [B, h, w, C] grid with a fused qkv projection; the
+  decomposed relative positions enter as an additive bias (exact for either kernel)."""
 
-  def __init__(self, config: SamVisionConfig, window_size: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: SamVisionConfig, window_size: int, *, rngs: nnx.Rngs,
+               attention_impl: str = "auto"):
     size = config.grid_size if window_size == 0 else window_size
     dim = config.hidden_size
+    self.attention_impl = attention_impl
     self.num_heads = config.num_attention_heads
     self.head_dim = dim // self.num_heads
     self.qkv = Linear(dim, 3 * dim, use_bias=config.qkv_bias, rngs=rngs)
@@ -114,20 +119,30 @@ class VisionAttention(nnx.Module):
       self.rel_pos_h = nnx.Param(jnp.zeros((2 * size - 1, self.head_dim)))
       self.rel_pos_w = nnx.Param(jnp.zeros((2 * size - 1, self.head_dim)))
 
+  def _rel_bias(self, q: jax.Array, h: int, w: int) -> jax.Array:
+    """The decomposed relative-position logits [b, heads, hw, hw] of q [b, heads, hw, d]."""
+    b = q.shape[0]
+    r_h = relative_positions(h, h, self.rel_pos_h[...])               # [h, h, d]
+    r_w = relative_positions(w, w, self.rel_pos_w[...])               # [w, w, d]
+    q_grid = q.reshape(b, self.num_heads, h, w, self.head_dim)
+    rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q_grid, r_h)
+    rel_w = jnp.einsum("bnyxd,xkd->bnyxk", q_grid, r_w)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]                 # [b, n, h, w, h, w]
+    return bias.reshape(b, self.num_heads, h * w, h * w)
+
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
+    if resolve_attention_impl(self.attention_impl) == "fused":
+      q, k, v = (qkv[:, :, i] for i in range(3))                       # [b, hw, heads, d]
+      bias = self._rel_bias(q.transpose(0, 2, 1, 3), h, w) if self.use_rel_pos else None
+      out = fused_attention(q, k, v, bias=bias, scale=self.head_dim ** -0.5)
+      return self.proj(out.reshape(b, h, w, c))
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # [b, heads, hw, d]
     logits = (q * self.head_dim ** -0.5) @ k.swapaxes(-1, -2)
     if self.use_rel_pos:
-      r_h = relative_positions(h, h, self.rel_pos_h[...])               # [h, h, d]
-      r_w = relative_positions(w, w, self.rel_pos_w[...])               # [w, w, d]
-      q_grid = q.reshape(b, self.num_heads, h, w, self.head_dim)
-      rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q_grid, r_h)
-      rel_w = jnp.einsum("bnyxd,xkd->bnyxk", q_grid, r_w)
-      bias = rel_h[..., :, None] + rel_w[..., None, :]                 # [b, n, h, w, h, w]
-      logits = logits + bias.reshape(b, self.num_heads, h * w, h * w)
-    probs = jax.nn.softmax(logits, axis=-1)
+      logits = logits + self._rel_bias(q, h, w)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, h, w, c)
     return self.proj(out)
 
@@ -169,10 +184,11 @@ class MLP(nnx.Module):
 class VisionLayer(nnx.Module):
   """Pre-norm block: x + attn(LN(x)) (windowed or global), then x + mlp(LN(x))."""
 
-  def __init__(self, config: SamVisionConfig, window_size: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: SamVisionConfig, window_size: int, *, rngs: nnx.Rngs,
+               attention_impl: str = "auto"):
     self.window_size = window_size
     self.layer_norm1 = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
-    self.attn = VisionAttention(config, window_size, rngs=rngs)
+    self.attn = VisionAttention(config, window_size, rngs=rngs, attention_impl=attention_impl)
     self.layer_norm2 = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
     self.mlp = MLP(config.hidden_size, config.mlp_dim, "gelu", rngs=rngs)
 
@@ -209,7 +225,7 @@ class Neck(nnx.Module):
 class VisionEncoder(nnx.Module):
   """Patch embedding (+ absolute positions) → transformer layers → neck."""
 
-  def __init__(self, config: SamVisionConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: SamVisionConfig, *, rngs: nnx.Rngs, attention_impl: str = "auto"):
     self.config = config
     p = config.patch_size
     self.patch_embed = nnx.Conv(config.num_channels, config.hidden_size, (p, p), strides=(p, p),
@@ -217,7 +233,8 @@ class VisionEncoder(nnx.Module):
     g = config.grid_size
     self.pos_embed = nnx.data(
         nnx.Param(jnp.zeros((1, g, g, config.hidden_size))) if config.use_abs_pos else None)
-    self.layers = nnx.List([VisionLayer(config, config.layer_window(i), rngs=rngs)
+    self.layers = nnx.List([VisionLayer(config, config.layer_window(i), rngs=rngs,
+                                        attention_impl=attention_impl)
                             for i in range(config.num_hidden_layers)])
     self.neck = Neck(config, rngs=rngs)
 
@@ -227,7 +244,7 @@ class VisionEncoder(nnx.Module):
     if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
       raise ValueError(f"pixel_values must be NHWC [B, {c.image_size}, {c.image_size}, "
                        f"{c.num_channels}], got shape {tuple(pixel_values.shape)}")
-    x = self.patch_embed(pixel_values)
+    x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel[...].dtype))
     if self.pos_embed is not None:
       x = x + self.pos_embed[...]
     for layer in self.layers:

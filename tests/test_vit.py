@@ -9,9 +9,12 @@ from flax import nnx
 import transformers
 
 from models import hf
+from models.layers import set_attention_impl
 from models.lora import LoRA, adapted_layers, init_adapters
 from models.vit import ViTConfig, ViTForImageClassification, ViTModel, with_new_head
 
+# Both attention kernels ("auto" resolves to one of them) must meet the same HF parity.
+IMPLS = ["reference", "fused"]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             image_size=16, patch_size=4, num_labels=5)
 
@@ -43,20 +46,20 @@ def _close(ours, theirs, atol=1e-5):
   np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), rtol=0, atol=atol)
 
 
-@pytest.fixture(scope="module")
-def vit_model(tmp_path_factory):
+@pytest.fixture(scope="module", params=IMPLS)
+def vit_model(request, tmp_path_factory):
   model = _hf_model(transformers.ViTModel)
   folder = tmp_path_factory.mktemp("vit_model")
   model.save_pretrained(folder)
-  return model, hf.load(folder)
+  return model, set_attention_impl(hf.load(folder), request.param)
 
 
-@pytest.fixture(scope="module")
-def vit_cls(tmp_path_factory):
+@pytest.fixture(scope="module", params=IMPLS)
+def vit_cls(request, tmp_path_factory):
   model = _hf_model(transformers.ViTForImageClassification)
   folder = tmp_path_factory.mktemp("vit_cls")
   model.save_pretrained(folder)
-  return model, hf.load(folder)
+  return model, set_attention_impl(hf.load(folder), request.param)
 
 
 def test_vit_model_parity(vit_model):
@@ -66,6 +69,7 @@ def test_vit_model_parity(vit_model):
     ref = theirs(x)
   out = ours(_nhwc(x))
   assert isinstance(ours, ViTModel) and out.logits is None
+  assert ours.layers[0].attention.attention_impl == ours.config.attention_impl
   _close(out.last_hidden_state, ref.last_hidden_state)
   _close(out.pooler_output, ref.pooler_output)
 
@@ -99,10 +103,11 @@ def test_features_cls_and_mean(vit_model):
     dict(hidden_act="gelu_pytorch_tanh", qkv_bias=False, layer_norm_eps=1e-6),
     dict(image_size=[16, 12], patch_size=[4, 3], num_channels=1, pooler_output_size=24),
 ])
-def test_parity_variants(tmp_path, overrides):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_parity_variants(tmp_path, overrides, impl):
   theirs = _hf_model(transformers.ViTModel, seed=4, **overrides)
   theirs.save_pretrained(tmp_path)
-  ours = hf.load(tmp_path)
+  ours = set_attention_impl(hf.load(tmp_path), impl)
   x = _pixels(theirs.config, batch=2)
   with torch.no_grad():
     ref = theirs(x)
@@ -134,6 +139,17 @@ def test_from_hf_rejects(change, message):
   d = {**transformers.ViTConfig(**TINY).to_dict(), **change}
   with pytest.raises(ValueError, match=message):
     ViTConfig.from_hf(d)
+
+
+def test_attention_impl_is_checked_and_not_an_hf_attribute():
+  with pytest.raises(ValueError, match="attention_impl"):
+    ViTConfig(attention_impl="flash")
+  config = ViTConfig(attention_impl="fused")
+  assert "attention_impl" not in config.to_hf("ViTModel")
+  with pytest.raises(ValueError, match="attention_impl"):
+    set_attention_impl(ViTModel(ViTConfig(hidden_size=8, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=8,
+                                          image_size=4, patch_size=2), rngs=nnx.Rngs(0)), "x")
 
 
 def test_pixel_shape_is_checked():
@@ -191,3 +207,33 @@ def test_with_new_head_keeps_the_encoder(vit_model):
   out = clf(_nhwc(x))
   assert out.logits.shape == (2, 4)
   _close(out.last_hidden_state, hidden)
+
+
+def _max_err(a, b):
+  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_parity_with_hf_bfloat16(tmp_path, impl):
+  """bf16 weights and activations (float32 norms, softmax and logits) against HF torch run
+  in bf16 on the same checkpoint, and no further from HF float32 than HF's own bf16 is."""
+  theirs = _hf_model(transformers.ViTForImageClassification, seed=5)
+  theirs.save_pretrained(tmp_path)
+  ours = set_attention_impl(hf.load(tmp_path, dtype=jnp.bfloat16), impl)
+  assert {v.dtype for v in jax.tree.leaves(nnx.state(ours, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+  x = _pixels(theirs.config, batch=4, seed=6)
+  with torch.no_grad():
+    ref32 = theirs(x, output_hidden_states=True)
+    hidden32 = theirs.vit.layernorm(ref32.hidden_states[-1])
+    theirs16 = theirs.to(torch.bfloat16)
+    ref16 = theirs16(x.to(torch.bfloat16), output_hidden_states=True)
+    hidden16 = theirs16.vit.layernorm(ref16.hidden_states[-1]).float()
+  out = ours(_nhwc(x))
+  assert out.logits.dtype == jnp.float32 and out.last_hidden_state.dtype == jnp.bfloat16
+  # Measured (2026-11-29, CPU, both kernels): max |Δ| vs HF bf16 = 9.8e-4 on the logits
+  # (max |logit| 0.14) and 0.031 on the last hidden state (one bf16 ulp at |h| ~ 4-8);
+  # tolerances = measured × ~2.5.
+  assert _max_err(out.logits, ref16.logits.float()) <= 2.5e-3
+  assert _max_err(out.last_hidden_state, hidden16) <= 0.08
+  # Measured: ours vs HF f32 0.024 = HF bf16 vs HF f32 0.024 (ratio 1.0); allowed 2×.
+  assert _max_err(out.last_hidden_state, hidden32) <= 2 * _max_err(hidden16, hidden32)
