@@ -189,6 +189,69 @@ def energy_keep(s, energy: float, eps: float, xp=jnp):
   return before < energy * total - len(s) * eps * total
 
 
+# Acceptance bounds on κ̂² (an upper bound on κ(x̂)² of a column-scaled factor x̂, see
+# `_gram_factor`): one Cholesky pass below _ONE_PASS (factor orthogonal to ~_ONE_PASS · u),
+# a second CholeskyQR pass below 1 / (_TWO_PASS · u), Householder QR above.
+_ONE_PASS = 128.0
+_TWO_PASS = 64.0
+
+
+def _gram_factor(g):
+  """A factor of a tall x [n, R] (n ≥ R) from its Gram g = xᵀx alone, in float32 or wider.
+
+  Jacobi scaling first: d = √diag(g), x̂ = x D⁻¹ has unit columns and the Gram ĝ = D⁻¹ g D⁻¹
+  (a zero column gets d = 0 and a unit diagonal entry, so it drops out exactly). With the
+  Cholesky factor ĝ = L Lᵀ:  x = Q R,  R = Lᵀ D,  Q = x T,  T = D⁺ L⁻ᵀ.
+  Returns (T, R, κ̂²) with κ̂² = ‖ĝ‖_∞ ‖ĝ⁻¹‖_∞ ≥ κ(x̂)² (NaN if the Cholesky failed).
+  """
+  d = jnp.sqrt(jnp.diagonal(g))
+  live = d > 0
+  dinv = jnp.where(live, 1 / jnp.where(live, d, 1), 0)
+  gs = g * dinv[:, None] * dinv[None, :] + jnp.diag(jnp.where(live, 0, 1).astype(g.dtype))
+  l = jnp.linalg.cholesky(gs)
+  linv = jax.scipy.linalg.solve_triangular(l, jnp.eye(g.shape[0], dtype=g.dtype), lower=True)
+  kappa2 = (jnp.max(jnp.sum(jnp.abs(gs), axis=1))
+            * jnp.max(jnp.sum(jnp.abs(linv.T @ linv), axis=1)))
+  return dinv[:, None] * linv.T, l.T * d[None, :], kappa2
+
+
+def _second_pass(x, t, r, *, transpose: bool):
+  """CholeskyQR2's refinement: Q₁ = x T₁, Q₁ᵀQ₁ = L₂L₂ᵀ, so Q = Q₁ L₂⁻ᵀ: T ← T₁ L₂⁻ᵀ, R ← L₂ᵀ R₁.
+  ``transpose``: x is given as xᵀ [R, n] (the b factor), so the Gram is taken row-wise."""
+  q1 = t.T @ x if transpose else x @ t
+  g2 = q1 @ q1.T if transpose else q1.T @ q1
+  l2 = jnp.linalg.cholesky(g2)
+  l2inv = jax.scipy.linalg.solve_triangular(l2, jnp.eye(g2.shape[0], dtype=g2.dtype), lower=True)
+  return t @ l2inv.T, l2.T @ r
+
+
+def _core_svd(ra, rb, e):
+  """SVD of the small core Ra C Rbᵀ (C = diag(e) for SVD-LoRA, else I)."""
+  if e is not None:
+    ra = ra * e
+  return jnp.linalg.svd(ra @ rb.T, full_matrices=False)
+
+
+def _householder(a, b, e, r):
+  """The reference method: thin Householder QRs a = Qa Ra, bᵀ = Qb Rb (any shapes, any rank)."""
+  qa, ra = jnp.linalg.qr(a)
+  qb, rb = jnp.linalg.qr(b.T)
+  u, s, vt = _core_svd(ra, rb, e)
+  return qa @ u[:, :r], s, vt[:r] @ qb.T
+
+
+def _cholesky_qr(a, b, e, r, fa, fb):
+  """The fast method: factors from the Grams (`_gram_factor`), a second CholeskyQR pass on a
+  side whose κ̂² exceeds _ONE_PASS, and only the r output columns are ever formed."""
+  (ta, ra, ka), (tb, rb, kb) = fa, fb
+  ta, ra = jax.lax.cond(ka <= _ONE_PASS, lambda: (ta, ra),
+                        lambda: _second_pass(a, ta, ra, transpose=False))
+  tb, rb = jax.lax.cond(kb <= _ONE_PASS, lambda: (tb, rb),
+                        lambda: _second_pass(b, tb, rb, transpose=True))
+  u, s, vt = _core_svd(ra, rb, e)
+  return a @ (ta @ u[:, :r]), s, (vt[:r] @ tb.T) @ b
+
+
 def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None) -> "SVDLoRA":
   """Truncated SVD of δW computed from the factors only; δW is never formed.
 
@@ -199,6 +262,20 @@ def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None
   and the top r triplets are kept: SVDLoRA(Qa U[:, :r], s[:r], Vᵀ[:r] Qbᵀ), the best
   rank-r approximation (Eckart–Young).
 
+  How the QRs are computed (u = the unit roundoff of the compute dtype). When R ≤ min(in,
+  out), by CholeskyQR from the Grams aᵀa and b bᵀ: each side is column-scaled to unit
+  norms (Jacobi; exact zero columns — zero adapters, zero weights — drop out), Cholesky-
+  factored, and the bound κ̂² ≥ κ(scaled factor)² is read off the R × R factor:
+    * κ̂² ≤ 128:           one pass; Qa = a Ra⁻¹ is orthonormal to O(κ̂² u);
+    * κ̂² ≤ 1 / (64 u):    a second CholeskyQR pass (CholeskyQR2), orthonormal to O(κ̂ u);
+    * otherwise, or R > min(in, out) (rank-deficient stacks: duplicated adapters, ranks
+      beyond the layer's size): Householder QR, backward stable for any input.
+  Qa is never formed: the result is a @ (Ra⁻¹ U[:, :r]), so the work is the two Grams plus
+  the two [n, R] × [R, r] output products (the floor of any factored method) and R × R
+  linear algebra. Guarantee, on every path: the result is the truncated SVD of a matrix
+  within O(κ̂² u)·‖a‖‖C‖‖b‖ ≤ O(128 u)·‖a‖‖C‖‖b‖ of δW (float32: ~1e-5), its factors
+  orthonormal to the same order; the scaling makes κ̂ independent of the weights.
+
   rank: static cap on the result's rank (a Python int; the result has rank
     min(rank, R, in, out)). None keeps every direction (the exact SVD form of δW).
   energy: Med-LEGO's threshold v in (0, 1]: keep the smallest r with
@@ -207,7 +284,14 @@ def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None
       beyond the threshold are set to zero (works under jit/vmap; `compact` drops them
       afterwards, eagerly);
     * without ``rank``, the cut is eager: the values must be concrete (outside jit).
-  QR and SVD run in float32 or wider; the factors are cast back to the leaf's dtype.
+  QR and SVD run in float32 or wider (bf16 factors are upcast); the factors are cast back
+  to the leaf's dtype.
+
+  Example::
+
+    >>> leaves = [LoRA(jnp.ones((64, 4)), jnp.ones((4, 32))) for _ in range(3)]
+    >>> truncate(concat(leaves, jnp.array([0.5, -1.0, 2.0])), rank=2).e.shape
+    (2,)
   """
   check_leaf(leaf, "truncate")
   if rank is not None and (not isinstance(rank, (int, np.integer)) or isinstance(rank, bool)
@@ -220,12 +304,17 @@ def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None
   dtype = leaf.dtype
   ct = _compute_dtype(jnp.result_type(*jax.tree.leaves(leaf)))
   a, b = leaf.a.astype(ct), leaf.b.astype(ct)
-  qa, ra = jnp.linalg.qr(a)                     # [in, p], [p, R]
-  qb, rb = jnp.linalg.qr(b.T)                   # [out, q], [q, R]
-  if isinstance(leaf, SVDLoRA):
-    ra = ra * leaf.e.astype(ct)
-  u, s, vt = jnp.linalg.svd(ra @ rb.T, full_matrices=False)   # the small core
-  r = s.shape[0] if rank is None else min(int(rank), s.shape[0])
+  e = leaf.e.astype(ct) if isinstance(leaf, SVDLoRA) else None
+  (n_in, big_r), n_out = a.shape, b.shape[1]
+  full = min(big_r, n_in, n_out)                # the number of singular values
+  r = full if rank is None else min(int(rank), full)
+  if big_r <= min(n_in, n_out):
+    fa, fb = _gram_factor(a.T @ a), _gram_factor(b @ b.T)
+    ok = jnp.maximum(fa[2], fb[2]) <= 1.0 / (_TWO_PASS * float(jnp.finfo(ct).eps))
+    qu, s, vq = jax.lax.cond(ok, lambda: _cholesky_qr(a, b, e, r, fa, fb),
+                             lambda: _householder(a, b, e, r))
+  else:
+    qu, s, vq = _householder(a, b, e, r)
   if energy is not None:
     eps = float(jnp.finfo(ct).eps)
     if rank is None:
@@ -236,8 +325,7 @@ def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None
       r = min(r, energy_count(np.asarray(s), energy, eps))
     else:
       s = jnp.where(energy_keep(s, energy, eps), s, 0)
-  return SVDLoRA((qa @ u[:, :r]).astype(dtype), s[:r].astype(dtype),
-                 (vt[:r] @ qb.T).astype(dtype))
+  return SVDLoRA(qu[:, :r].astype(dtype), s[:r].astype(dtype), vq[:r].astype(dtype))
 
 
 def compact(leaf: Adapter, tol: float = 0.0) -> Adapter:

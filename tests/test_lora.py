@@ -228,3 +228,83 @@ def test_linear_svd_adapter_forward_and_shape_check():
     layer.set_adapter(rand_leaf(rng, 4, n_in=OUT, n_out=IN))
   layer.set_adapter(None)
   assert layer.adapter is None
+
+
+# --- truncate on the fast (CholeskyQR) path and its fallbacks, float32 vs the float64 oracle ---
+
+def _f32_leaves(rng, k, r, n_in=64, n_out=48):
+  return [LoRA(jnp.asarray(rng.standard_normal((n_in, r)), jnp.float32),
+               jnp.asarray(rng.standard_normal((r, n_out)), jnp.float32)) for _ in range(k)]
+
+
+def _check_truncation(out, leaf, r, tol):
+  """out against the float64 dense SVD of leaf's δW: update, singular values, orthonormality
+  of the factors on the directions it keeps (s > 0)."""
+  s_ref, d_ref = np_truncation(dense(leaf), r)
+  assert out.a.dtype == jnp.float32 and out.rank == r
+  assert rel(dense(out), d_ref) < tol
+  np.testing.assert_allclose(np.asarray(out.e, np.float64), s_ref[:r], atol=tol * s_ref[0])
+  live = np.asarray(out.e) > tol * s_ref[0]
+  a, b = np.asarray(out.a, np.float64)[:, live], np.asarray(out.b, np.float64)[live]
+  np.testing.assert_allclose(a.T @ a, np.eye(live.sum()), atol=tol)
+  np.testing.assert_allclose(b @ b.T, np.eye(live.sum()), atol=tol)
+
+
+@pytest.mark.parametrize("case", ["generic", "weights_1e6_range", "near_collinear",
+                                  "duplicated", "zero_adapter", "zero_weight", "svd_mixed"])
+def test_truncate_float32_fast_path_and_fallbacks_match_float64_oracle(case):
+  """Each case exercises one branch of `truncate`: one CholeskyQR pass (generic, any weight
+  range: the column scaling makes κ independent of w), two passes (κ(a) ≈ 30), Householder
+  (duplicated adapters: a singular Gram), exact zero columns (zero adapter / weight)."""
+  rng = np.random.default_rng(11)
+  leaves = _f32_leaves(rng, 4, 3)
+  w = jnp.asarray([0.7, -1.3, 2.0, 0.4], jnp.float32)
+  if case == "weights_1e6_range":
+    w = jnp.asarray([1.0, 1e-3, -1e-6, 3e2], jnp.float32)
+  elif case == "near_collinear":
+    a0 = leaves[0].a
+    leaves[1] = LoRA(a0 + 3e-2 * leaves[1].a, leaves[1].b)
+  elif case == "duplicated":
+    leaves[2] = leaves[0]
+  elif case == "zero_adapter":
+    leaves[1] = LoRA(jnp.zeros_like(leaves[1].a), leaves[1].b)
+    leaves[3] = LoRA(leaves[3].a, jnp.zeros_like(leaves[3].b))
+  elif case == "zero_weight":
+    w = w.at[2].set(0.0)
+  elif case == "svd_mixed":
+    leaves[1] = leaves[1].to_svd()
+  leaf = concat(leaves, w)
+  for r in (5, 12):
+    _check_truncation(jax.jit(lambda l: truncate(l, rank=r))(leaf), leaf, r, 2e-5)
+
+
+def test_gram_factor_condition_bound_is_an_upper_bound():
+  """κ̂² from the R × R Cholesky factor bounds κ(x̂)² of the column-scaled factor from above
+  (the acceptance test of the fast path relies on it); numpy's cond is the oracle."""
+  from models.lora import _gram_factor
+  rng = np.random.default_rng(12)
+  for spread in (0.0, 1e-1, 1e-2, 1e-3):
+    x = rng.standard_normal((200, 12)) * rng.uniform(1e-3, 1e3, 12)
+    x[:, 1] = x[:, 0] * 2.0 + spread * rng.standard_normal(200) * np.abs(x[:, 0]).max()
+    t, r, kappa2 = _gram_factor(jnp.asarray(x.T @ x))
+    xs = x / np.linalg.norm(x, axis=0)
+    assert float(kappa2) >= np.linalg.cond(xs) ** 2 * (1 - 1e-6) or spread == 0.0
+    if spread:   # x = (x T) R with x T orthonormal
+      q = x @ np.asarray(t)
+      np.testing.assert_allclose(q @ np.asarray(r), x, rtol=0, atol=1e-9 * np.abs(x).max())
+
+
+def test_truncate_bf16_equals_float32_to_bf16_precision():
+  """bf16 factors are upcast: the result is the float32 result of the same stored values,
+  rounded to bf16."""
+  rng = np.random.default_rng(13)
+  leaves = _f32_leaves(rng, 3, 4)
+  w = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
+  bf = [jax.tree.map(lambda x: x.astype(jnp.bfloat16), l) for l in leaves]
+  f32 = [jax.tree.map(lambda x: x.astype(jnp.float32), l) for l in bf]
+  out_bf = truncate(concat(bf, w), rank=6)
+  out_32 = truncate(concat(f32, w), rank=6)
+  assert out_bf.a.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out_bf.e, np.float64), np.asarray(out_32.e, np.float64),
+                             rtol=1e-2)
+  assert rel(dense(out_bf), dense(out_32)) < 1e-2
