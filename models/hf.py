@@ -6,6 +6,13 @@
 module's declarative key map. Every checkpoint key must be used or explicitly ignored and
 every model parameter filled; anything else is an error that names the keys.
 
+Memory (the bonsai / levanter pattern): each tensor is read from its file on its own, with
+plain reads (no memory map, so no shard's pages stay resident), and placed straight onto its
+sharding with ``jax.make_array_from_callback``: each device's callback reads only that
+device's slice (a contiguous run of rows when the slice is on the checkpoint's leading
+axis), transposes and casts it, so no host ever holds the whole model, and the host peak is
+the loaded model plus about one tensor.
+
 A model module plugs in with:
 
 * ``ARCHITECTURES[name] = (module, config class, model class)`` — one line here;
@@ -22,13 +29,15 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 ARCHITECTURES = {
     "ViTModel": ("models.vit", "ViTConfig", "ViTModel"),
@@ -45,6 +54,10 @@ TRANSFORMS = {
     # ConvTranspose2d [in, out, kh, kw] ⇄ [kh, kw, in, out] (the layer flips, not the map)
     "conv_transpose": (lambda t: t.transpose(2, 3, 0, 1), lambda t: t.transpose(2, 3, 0, 1)),
 }
+
+# the same transforms as axis permutations: ours = hf.transpose(perm), so our axis d is the
+# checkpoint's axis perm[d] (used to read one device's slice of a checkpoint tensor)
+PERMUTATIONS = {"linear": (1, 0), "conv": (2, 3, 1, 0), "conv_transpose": (2, 3, 0, 1)}
 
 _MAX_LISTED = 12
 
@@ -134,33 +147,153 @@ def key_map(model: nnx.Module) -> KeyMap:
   return KeyMap(**module.hf_key_map(model))
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
+_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+           "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+           "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+           "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+class SafetensorsFile:
+  """The header of one .safetensors file, and reads of single tensors or slices of them.
+
+  Format: an 8-byte little-endian header length n, n bytes of JSON ({key: {dtype, shape,
+  data_offsets: [begin, end]}}, offsets relative to the end of the header), then the data,
+  row-major. Reads use ``readinto`` on a fresh buffer, not a memory map: only what was asked
+  for is ever resident.
+  """
+
+  def __init__(self, path):
+    self.path = Path(path)
+    with open(self.path, "rb") as f:
+      head = f.read(8)
+      if len(head) != 8:
+        raise ValueError(f"{self.path.name}: not a safetensors file (too short)")
+      (n,) = struct.unpack("<Q", head)
+      try:
+        header = json.loads(f.read(n))
+      except ValueError as err:
+        raise ValueError(f"{self.path.name}: unreadable safetensors header: {err}") from None
+    header.pop("__metadata__", None)
+    self.start = 8 + n
+    self.header = header
+
+  def keys(self):
+    return self.header.keys()
+
+  def info(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    entry = self.header[key]
+    if entry["dtype"] not in _DTYPES:
+      raise ValueError(f"{self.path.name}: {key!r} has unsupported dtype {entry['dtype']!r}")
+    return tuple(entry["shape"]), np.dtype(_DTYPES[entry["dtype"]])
+
+  def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor ``key``, or ``tensor[index]`` (basic slices, step 1) reading only the rows
+    of the leading axis that ``index`` selects."""
+    shape, dtype = self.info(key)
+    begin, end = self.header[key]["data_offsets"]
+    index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+    rows = range(*index[0].indices(shape[0])) if shape else range(1)
+    row_bytes = (end - begin) // max(shape[0], 1) if shape else end - begin
+    out = np.empty((len(rows),) + shape[1:], dtype)
+    if len(rows) and out.nbytes:
+      with open(self.path, "rb") as f:
+        f.seek(self.start + begin + rows.start * row_bytes)
+        if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+          raise ValueError(f"{self.path.name}: {key!r} is truncated")
+    if not shape:
+      return out.reshape(())
+    rest = index[1:]
+    return out[(slice(None),) + rest] if any(s != slice(None) for s in rest) else out
+
+
+def _tensor_files(folder: Path) -> dict[str, SafetensorsFile]:
   """Checkpoint key → the safetensors file holding it."""
   single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
   if index.exists():
     weight_map = json.loads(index.read_text())["weight_map"]
-    files = {k: folder / f for k, f in weight_map.items()}
-    for f in sorted(set(files.values())):
-      if not f.exists():
-        raise FileNotFoundError(f"shard {f.name} named in {index} is missing")
-    return files
+    names = sorted(set(weight_map.values()))
+    for name in names:
+      if not (folder / name).exists():
+        raise FileNotFoundError(f"shard {name} named in {index} is missing")
+    opened = {name: SafetensorsFile(folder / name) for name in names}
+    for key, name in weight_map.items():
+      if key not in opened[name].header:
+        raise ValueError(f"{index.name} puts {key!r} in {name}, which does not hold it")
+    return {k: opened[name] for k, name in weight_map.items()}
   if single.exists():
-    with safe_open(single, framework="flax") as f:
-      return {k: single for k in f.keys()}
+    f = SafetensorsFile(single)
+    return {k: f for k in f.keys()}
   raise FileNotFoundError(f"{folder} holds neither model.safetensors nor "
                           "model.safetensors.index.json")
+
+
+def _place(f: SafetensorsFile, key: str, transform: str, shape, dtype, sharding) -> jax.Array:
+  """One parameter straight onto ``sharding``: each addressable device's callback reads
+  its own slice of the checkpoint tensor, permutes it to our layout and casts it."""
+  perm = PERMUTATIONS.get(transform)
+
+  def slice_of(index):
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if perm is None:
+      part = f.read(key, index)
+    else:
+      hf_index = [slice(None)] * len(shape)
+      for d, p in enumerate(perm):
+        hf_index[p] = index[d]
+      part = f.read(key, tuple(hf_index)).transpose(perm)
+    return np.ascontiguousarray(part, dtype=dtype)
+
+  return jax.make_array_from_callback(tuple(shape), sharding, slice_of)
+
+
+def _shardings_for(shardings, abstract, state, params) -> dict[str, jax.sharding.Sharding]:
+  """{parameter path: Sharding} from load's ``shardings`` argument."""
+  if shardings is None:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {p: one for p in params}
+  if isinstance(shardings, jax.sharding.Sharding):
+    return {p: shardings for p in params}
+  if callable(shardings):
+    shardings = shardings(abstract)
+  if isinstance(shardings, dict) and all(isinstance(k, str) for k in shardings):
+    out = dict(shardings)
+  else:   # a tree shaped like nnx.state(abstract)
+    flat = nnx.to_flat_state(shardings) if isinstance(shardings, nnx.State) else None
+    if flat is None:
+      raise TypeError("shardings must be a Sharding, a {path: Sharding} dict, an nnx.State "
+                      "of Shardings or a callable returning one")
+    out = {_path_str(p): (v.get_value() if isinstance(v, nnx.Variable) else v) for p, v in flat}
+  missing = sorted(set(params) - set(out))
+  if missing:
+    raise ValueError(f"shardings give no sharding for parameters: {format_keys(missing)}")
+  for p in params:
+    if not isinstance(out[p], jax.sharding.Sharding):
+      raise TypeError(f"shardings[{p!r}] is a {type(out[p]).__name__}, not a jax Sharding")
+  return out
 
 
 def _path_str(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def load(folder, *, dtype=jnp.float32, architecture: str | None = None) -> nnx.Module:
+def load(folder, *, dtype=jnp.float32, architecture: str | None = None,
+         shardings=None) -> nnx.Module:
   """Load an HF checkpoint folder into the Flax NNX model its ``config.json`` names.
 
   ``architecture`` overrides ``config.json``'s ``architectures[0]``. Parameters are cast to
   ``dtype``. Raises on unsupported config attributes, unknown or duplicated checkpoint keys,
   missing parameters and shape mismatches, naming them.
+
+  shardings: where each parameter goes, decided on the abstract model before anything is
+    read: None (the default device), one ``jax.sharding.Sharding`` for every parameter, a
+    {dotted parameter path: Sharding} dict or an ``nnx.State`` of Shardings, or a callable
+    taking the abstract model and returning one of those, e.g. with ``rpe_jax.parallel.sharding``::
+
+      hf.load(folder, shardings=lambda m: state_shardings(nnx.state(m), mesh,
+                                                          model_type=m.config))
+
+    Each device then receives only its slice, read from the file on its own.
+  Host memory: the loaded model (on CPU devices) plus about one tensor in flight.
   """
   folder = Path(folder)
   config_path = folder / "config.json"
@@ -208,20 +341,20 @@ def load(folder, *, dtype=jnp.float32, architecture: str | None = None) -> nnx.M
     raise ValueError(f"{folder}: {architecture} parameters missing from the checkpoint: "
                      f"{format_keys(missing)}")
 
+  placement = _shardings_for(shardings, abstract, state, params)
+  for key, (ours, transform) in plan.items():   # every shape checked before anything is read
+    shape, _ = files[key].info(key)
+    got = tuple(shape[p] for p in PERMUTATIONS[transform]) if transform in PERMUTATIONS else shape
+    want = tuple(params[ours][1].shape)
+    if got != want:
+      raise ValueError(f"{files[key].path.name}: {key!r} has shape {got} after the "
+                       f"{transform!r} transform, parameter {ours!r} expects {want}")
   values = {}
-  by_file: dict[Path, list[str]] = {}
-  for key in plan:
-    by_file.setdefault(files[key], []).append(key)
-  for path, keys in sorted(by_file.items()):
-    with safe_open(path, framework="flax") as f:
-      for key in keys:
-        ours, transform = plan[key]
-        tensor = TRANSFORMS[transform][0](f.get_tensor(key))
-        want = params[ours][1].shape
-        if tuple(tensor.shape) != tuple(want):
-          raise ValueError(f"{path.name}: {key!r} has shape {tuple(tensor.shape)} after the "
-                           f"{transform!r} transform, parameter {ours!r} expects {tuple(want)}")
-        values[params[ours][0]] = jnp.asarray(tensor, dtype=params[ours][1].dtype)
+  for key in sorted(plan, key=lambda k: (str(files[k].path), k)):
+    ours, transform = plan[key]
+    var = params[ours][1]
+    values[params[ours][0]] = _place(files[key], key, transform, var.shape, var.dtype,
+                                     placement[ours])
   filled = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in nnx.to_flat_state(state)])
   return nnx.merge(graphdef, filled)
 
