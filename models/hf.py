@@ -227,6 +227,19 @@ def _tensor_files(folder: Path) -> dict[str, SafetensorsFile]:
                           "model.safetensors.index.json")
 
 
+def _permuted(x: np.ndarray, perm: tuple[int, ...]) -> np.ndarray:
+  """x.transpose(perm), contiguous. A 2-D transpose is done in blocks of rows on the bytes
+  (an unsigned view of the same width): several times faster than numpy's element-wise
+  copy for bfloat16, and cache-friendly for the [out, in] → [in, out] kernels."""
+  if perm != (1, 0) or x.ndim != 2 or x.dtype.itemsize not in (1, 2, 4, 8):
+    return np.ascontiguousarray(x.transpose(perm))
+  raw = x.view(np.dtype(f"u{x.dtype.itemsize}"))
+  out = np.empty(raw.shape[::-1], raw.dtype)
+  for i in range(0, raw.shape[0], 256):
+    out[:, i:i + 256] = raw[i:i + 256].T
+  return out.view(x.dtype)
+
+
 def _place(f: SafetensorsFile, key: str, transform: str, shape, dtype, sharding) -> jax.Array:
   """One parameter straight onto ``sharding``: each addressable device's callback reads
   its own slice of the checkpoint tensor, permutes it to our layout and casts it."""
@@ -240,8 +253,8 @@ def _place(f: SafetensorsFile, key: str, transform: str, shape, dtype, sharding)
       hf_index = [slice(None)] * len(shape)
       for d, p in enumerate(perm):
         hf_index[p] = index[d]
-      part = f.read(key, tuple(hf_index)).transpose(perm)
-    return np.ascontiguousarray(part, dtype=dtype)
+      part = _permuted(f.read(key, tuple(hf_index)), perm)
+    return part if part.dtype == dtype else part.astype(dtype)
 
   return jax.make_array_from_callback(tuple(shape), sharding, slice_of)
 
