@@ -266,15 +266,18 @@ def truncate(leaf: Adapter, rank: int | None = None, energy: float | None = None
   out), by CholeskyQR from the Grams aᵀa and b bᵀ: each side is column-scaled to unit
   norms (Jacobi; exact zero columns — zero adapters, zero weights — drop out), Cholesky-
   factored, and the bound κ̂² ≥ κ(scaled factor)² is read off the R × R factor:
-    * κ̂² ≤ 128:           one pass; Qa = a Ra⁻¹ is orthonormal to O(κ̂² u);
-    * κ̂² ≤ 1 / (64 u):    a second CholeskyQR pass (CholeskyQR2), orthonormal to O(κ̂ u);
-    * otherwise, or R > min(in, out) (rank-deficient stacks: duplicated adapters, ranks
-      beyond the layer's size): Householder QR, backward stable for any input.
+    * κ̂² ≤ 128:           one pass (Qa = a Ra⁻¹ loses orthogonality as κ̂² u);
+    * κ̂² ≤ 1 / (64 u):    a second CholeskyQR pass (CholeskyQR2; then as κ̂ u);
+    * otherwise — NaN included — or R > min(in, out) (rank-deficient stacks: duplicated
+      adapters, ranks beyond the layer's size): Householder QR, backward stable.
   Qa is never formed: the result is a @ (Ra⁻¹ U[:, :r]), so the work is the two Grams plus
   the two [n, R] × [R, r] output products (the floor of any factored method) and R × R
-  linear algebra. Guarantee, on every path: the result is the truncated SVD of a matrix
-  within O(κ̂² u)·‖a‖‖C‖‖b‖ ≤ O(128 u)·‖a‖‖C‖‖b‖ of δW (float32: ~1e-5), its factors
-  orthonormal to the same order; the scaling makes κ̂ independent of the weights.
+  linear algebra. Guarantee: the result is the rank-r truncated SVD of δW up to a
+  perturbation ε·‖a‖‖C‖‖b‖, its factors orthonormal to ε, with ε = O(u) (Householder),
+  O(κ̂² u) ≤ O(128 u) (one pass) or O(κ̂ u) ≤ O(√(u / 64)) (two passes) — in float32 about
+  1e-5 and 4e-5. The column scaling makes κ̂ independent of the weights and of the
+  adapters' scales, so only near-collinear factors (not weights spanning decades) leave
+  the one-pass path.
 
   rank: static cap on the result's rank (a Python int; the result has rank
     min(rank, R, in, out)). None keeps every direction (the exact SVD form of δW).
