@@ -31,11 +31,10 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -147,10 +146,10 @@ def key_map(model: nnx.Module) -> KeyMap:
   return KeyMap(**module.hf_key_map(model))
 
 
-_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+_DTYPES = {"BF16": jnp.bfloat16, "F16": np.float16, "F32": np.float32,
            "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-           "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-           "F8_E5M2": ml_dtypes.float8_e5m2}
+           "U8": np.uint8, "BOOL": np.bool_, "F8_E4M3": jnp.float8_e4m3fn,
+           "F8_E5M2": jnp.float8_e5m2}
 
 
 class SafetensorsFile:
@@ -229,8 +228,8 @@ def _tensor_files(folder: Path) -> dict[str, SafetensorsFile]:
 
 def _permuted(x: np.ndarray, perm: tuple[int, ...]) -> np.ndarray:
   """x.transpose(perm), contiguous. A 2-D transpose is done in blocks of rows on the bytes
-  (an unsigned view of the same width): several times faster than numpy's element-wise
-  copy for bfloat16, and cache-friendly for the [out, in] → [in, out] kernels."""
+  (an unsigned view of the same width): cache-friendly, and about 3× faster than numpy's
+  element-wise copy of a bfloat16 [8192, 2048] kernel in one measurement here."""
   if perm != (1, 0) or x.ndim != 2 or x.dtype.itemsize not in (1, 2, 4, 8):
     return np.ascontiguousarray(x.transpose(perm))
   raw = x.view(np.dtype(f"u{x.dtype.itemsize}"))
@@ -259,7 +258,7 @@ def _place(f: SafetensorsFile, key: str, transform: str, shape, dtype, sharding)
   return jax.make_array_from_callback(tuple(shape), sharding, slice_of)
 
 
-def _shardings_for(shardings, abstract, state, params) -> dict[str, jax.sharding.Sharding]:
+def _shardings_for(shardings, abstract, params) -> dict[str, jax.sharding.Sharding]:
   """{parameter path: Sharding} from load's ``shardings`` argument."""
   if shardings is None:
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -354,7 +353,7 @@ def load(folder, *, dtype=jnp.float32, architecture: str | None = None,
     raise ValueError(f"{folder}: {architecture} parameters missing from the checkpoint: "
                      f"{format_keys(missing)}")
 
-  placement = _shardings_for(shardings, abstract, state, params)
+  placement = _shardings_for(shardings, abstract, params)
   for key, (ours, transform) in plan.items():   # every shape checked before anything is read
     shape, _ = files[key].info(key)
     got = tuple(shape[p] for p in PERMUTATIONS[transform]) if transform in PERMUTATIONS else shape
