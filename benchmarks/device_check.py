@@ -21,7 +21,7 @@ device lease still leaves its results):
    (float32, λ > 0, affine); goal ≥ 10⁶ problems/s at k = 16 on an H100-class GPU.
 5. ``retrieval``: ``rpe_jax.retrieval.search`` latency over N = 10⁶ prototypes (d = 768).
 6. ``compose_8b``: the whole-Llama-8B-shaped composition of ``benchmarks/compose_speed.py``
-   when that script offers ``--whole-model`` (else a 'not available' row).
+   (``benchmarks.compose_speed.whole_model``).
 7. ``demo``: ``python -m rpe_jax.compose --demo`` end to end as a subprocess (``--demo``;
    it builds its cache on first run).
 
@@ -327,20 +327,19 @@ def _subprocess(cmd, timeout):
 
 
 def section_compose_8b(args):
-  script = ROOT / "benchmarks" / "compose_speed.py"
-  helptext = _subprocess([sys.executable, str(script), "--help"], 120)[0].stdout \
-      if script.exists() else ""
-  if "--whole-model" not in helptext:
-    return [row("whole-Llama-8B-shaped composition", None, "s",
-                "not available: benchmarks/compose_speed.py has no --whole-model option",
-                status="not available")]
-  cmd = [sys.executable, str(script), "--whole-model"] + (["--quick"] if args.quick else [])
-  proc, wall = _subprocess(cmd, args.sub_timeout)
-  if proc.returncode:
-    raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-400:]}")
-  tail = " / ".join(proc.stdout.strip().splitlines()[-3:])
-  return [row("compose_speed.py --whole-model" + (" --quick" if args.quick else ""), wall, "s",
-              f"subprocess wall time; output tail: {tail[:300]}")]
+  """``benchmarks.compose_speed.whole_model``: five rank-16 adapters on every projection of
+  32 Llama-3-8B-shaped layers, composed and re-truncated to rank 16 on the default device
+  (``--quick``: two small layers)."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  from compose_speed import whole_model
+  quick = {"q_proj": (64, 64), "k_proj": (64, 16), "v_proj": (64, 16), "o_proj": (64, 64),
+           "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+  r = whole_model(layers=2 if args.quick else 32, repeats=1 if args.quick else 3,
+                  shapes=quick if args.quick else None)
+  label = "whole-Llama-8B-shaped composition" + (" (quick: 2 small layers)" if args.quick else "")
+  return [row(label, r["seconds"], "s",
+              f"peak/inputs {r['peak_ratio']}, rel err {r['rel_err']}, "
+              f"compile {r['compile_seconds']:.1f} s, device {r['device']}")]
 
 
 def section_demo(args):
