@@ -375,7 +375,7 @@ def save(model: nnx.Module, folder, *, dtype=None) -> Path:
   """Write ``model`` as an HF folder (``config.json`` + ``model.safetensors``, legacy key
   names as HF's own ``save_pretrained`` writes them) that transformers can load.
 
-  Adapters must be merged (``Linear.merge``) or exported with ``rpe_jax.peft_io`` first.
+  Adapters must be merged (``Linear.merge``) or exported with ``rpe_jax.library.peft_io`` first.
   """
   from safetensors.flax import save_file
 
@@ -395,7 +395,7 @@ def save(model: nnx.Module, folder, *, dtype=None) -> Path:
         TRANSFORMS[transform][1](value.astype(dtype) if dtype else value)))
   if unmapped:
     raise ValueError(f"parameters with no HF key (merge adapters, or export them with "
-                     f"rpe_jax.peft_io.write_peft): {format_keys(unmapped)}")
+                     f"rpe_jax.library.peft_io.write_peft): {format_keys(unmapped)}")
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   config = model.config.to_hf(architecture)

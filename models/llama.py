@@ -49,7 +49,7 @@ class RopeScaling:
 
 
 # Tensor-parallel / FSDP partition rules, ``(regex on the dotted nnx.state path → logical
-# axes)``, first match wins, for ``rpe_jax.sharding`` (whose presets map the logical axes
+# axes)``, first match wins, for ``rpe_jax.parallel.sharding`` (whose presets map the logical axes
 # "embed", "heads", "mlp", "vocab" to mesh axes). A rule names a kernel or a lone parameter;
 # a Linear's bias and adapter factors follow its kernel. Megatron layout: q/k/v, gate and up
 # are column-parallel (out dim on "heads"/"mlp"), o and down row-parallel; the vocabulary is

@@ -69,7 +69,7 @@ def _take(hf: dict, section: str, fields: dict[str, Any], derived=()) -> dict:
 
 
 # Tensor-parallel / FSDP partition rules, ``(regex on the dotted nnx.state path → logical
-# axes)``, first match wins, for ``rpe_jax.sharding`` (whose presets map the logical axes
+# axes)``, first match wins, for ``rpe_jax.parallel.sharding`` (whose presets map the logical axes
 # "embed", "heads", "mlp", "vocab" to mesh axes). A rule names a kernel or a lone parameter;
 # a Linear's bias and adapter factors follow its kernel.
 SHARDING_RULES = (

@@ -1,7 +1,8 @@
-"""The tasks, each behind the same small contract (data, features, loss, predict, score).
+"""The tasks: each module holds one task's data, prototype features, loss, predictions, score.
 
-* ``classification``: ViT image classification;
+* ``classification``: ViT image classification (data: ``images``);
 * ``segmentation``: SAM segmentation with box prompts;
 * ``report``: report → impression generation with Llama;
-* ``sites``: the built-in acquisition-shift renderer the image tasks share.
+* ``images``: labeled image datasets by URI; ``sites``: the one built-in acquisition-site
+  renderer the image tasks share.
 """
