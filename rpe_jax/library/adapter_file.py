@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -28,6 +29,8 @@ from typing import Any, Mapping, NamedTuple
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
+
+from rpe_jax.library import untrusted
 
 FACTORS = ("a", "e", "b")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -225,6 +228,12 @@ _ST_DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32,
               "F64": np.float64}
 
 
+def _ints(value, length) -> bool:
+  """``value`` is a list of non-negative ints (of ``length`` items when given)."""
+  return (isinstance(value, list) and (length is None or len(value) == length)
+          and all(type(v) is int and v >= 0 for v in value))
+
+
 def parse(data: bytes, *, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], dict]:
   """safetensors bytes → (tensors, metadata); a truncated or garbled file is an error.
 
@@ -232,13 +241,22 @@ def parse(data: bytes, *, source: str = "<bytes>") -> tuple[dict[str, np.ndarray
   """
   try:
     if len(data) < 8:
-      raise ValueError("shorter than the 8-byte header length")
+      raise ValueError("it is empty" if not data else "shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", data[:8])
     if 8 + n > len(data):
       raise ValueError(f"header of {n} bytes runs past the end of the file")
-    header = json.loads(data[8:8 + n])
+    header = untrusted.loads_json(bytes(data[8:8 + n]), "its header")
+    if not isinstance(header, dict):
+      raise ValueError("its header is not a JSON object")
     body = memoryview(data)[8 + n:]
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+      raise ValueError("its __metadata__ is not a map of strings")
+    for key, info in header.items():
+      if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+              and _ints(info.get("shape"), None) and _ints(info.get("data_offsets"), 2)):
+        raise ValueError(f"tensor {key!r}: expected {{dtype, shape, data_offsets}} with "
+                         "non-negative integer shape and offsets")
     tensors, end = {}, 0
     for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
       if info["dtype"] not in _ST_DTYPES:
@@ -247,14 +265,14 @@ def parse(data: bytes, *, source: str = "<bytes>") -> tuple[dict[str, np.ndarray
       dtype = np.dtype(_ST_DTYPES[info["dtype"]])
       start, stop = info["data_offsets"]
       shape = tuple(info["shape"])
-      if start != end or stop - start != dtype.itemsize * int(np.prod(shape)):
+      if start != end or stop - start != dtype.itemsize * math.prod(shape):
         raise ValueError(f"tensor {key!r} has inconsistent data offsets")
       end = stop
       tensors[key] = np.frombuffer(body[start:stop], dtype).reshape(shape)
     if end != len(body):
       raise ValueError(f"{len(body)} data bytes, the header describes {end}")
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise AdapterFormatError(f"{source} is not a readable safetensors file: {e}") from e
+  except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+    raise AdapterFormatError(f"{source} is not a readable safetensors file: {e}") from None
   return tensors, dict(meta)
 
 

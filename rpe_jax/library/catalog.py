@@ -32,6 +32,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import uuid
 from pathlib import Path
@@ -39,13 +40,18 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from rpe_jax.library import adapter_file
+from rpe_jax.library import adapter_file, untrusted
+from rpe_jax.library import checks
+from rpe_jax.library.checks import VerifyReport
+from rpe_jax.library.connection import Connection, busy as _busy, fsync_dir as _fsync_dir
 from rpe_jax.library.adapter_file import AdapterFormatError, Signature
 
 SCHEMA_VERSION = 1
 CATALOG = "catalog.sqlite"
 ADAPTERS = "adapters"
 TMP_PREFIX = ".tmp-"
+ID_FORM = re.compile(r"[0-9a-f]{32}\Z")   # uuid4().hex: the only ids the library writes
+MAX_INT = 2**63 - 1                        # SQLite's largest INTEGER
 # Where a fault can be injected during ``add`` (tests kill the process there).
 FAULT_STEPS = ("after_write", "after_fsync", "after_rename", "before_commit", "after_commit")
 fault_hook: Callable[[str], None] | None = None
@@ -113,21 +119,6 @@ class Prototypes(NamedTuple):
   n_samples: np.ndarray
 
 
-class VerifyReport(NamedTuple):
-  """What ``verify`` found; ``ok`` when nothing is wrong."""
-
-  checked: int
-  missing: list[str]      # names whose file is gone
-  corrupt: list[str]      # names whose file fails sha256 / parsing / signature
-  orphans: list[str]      # files in adapters/ with no row (and leftover temp files)
-  removed: list[str]      # orphans deleted by repair
-
-  @property
-  def ok(self) -> bool:
-    """No missing or corrupt file and no orphan left (orphans removed by repair are fine)."""
-    return not (self.missing or self.corrupt or set(self.orphans) - set(self.removed))
-
-
 def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
@@ -135,14 +126,6 @@ def _now() -> str:
 def _fault(step: str) -> None:
   if fault_hook is not None:
     fault_hook(step)
-
-
-def _fsync_dir(path: Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 def _check_str(value, what: str) -> str:
@@ -154,19 +137,15 @@ def _check_str(value, what: str) -> str:
 
 def _check_prototype(prototype) -> np.ndarray:
   try:
-    z = np.asarray(prototype, dtype=np.float32)
+    z = np.asarray(prototype)
   except (TypeError, ValueError) as e:
     raise LibraryError(f"prototype is not a numeric vector: {e}") from e
   if z.ndim != 1 or z.shape[0] == 0:
     raise LibraryError(f"prototype must be a non-empty vector [d], got shape {list(z.shape)}")
-  if not np.isfinite(z).all():
-    raise LibraryError("prototype contains NaN or Inf")
-  return z
-
-
-def _busy(e: sqlite3.OperationalError) -> bool:
-  text = str(e).lower()
-  return "locked" in text or "busy" in text
+  try:
+    return untrusted.check_float32(z, "prototype")
+  except ValueError as e:
+    raise LibraryError(str(e)) from None
 
 
 class Library:
@@ -176,7 +155,7 @@ class Library:
     self.path = path
     self.readonly = readonly
     self.timeout = timeout
-    self._conn = conn
+    self._conn = Connection(conn, path / CATALOG, LibraryError)
     self._cache: dict[str, tuple[int, Any]] = {}
 
   # --- opening ---------------------------------------------------------------------------
@@ -217,10 +196,11 @@ class Library:
     if version < 1:
       conn.close()
       raise LibraryError(f"{catalog} is not an rpe_jax catalog (schema version {version})")
-    conn.execute("PRAGMA foreign_keys=ON")
+    lib = cls(path, conn, readonly, timeout)
+    lib._conn.execute("PRAGMA foreign_keys=ON")
     if not readonly:
-      conn.execute("PRAGMA synchronous=FULL")
-    return cls(path, conn, readonly, timeout)
+      lib._conn.execute("PRAGMA synchronous=FULL")
+    return lib
 
   def close(self) -> None:
     self._conn.close()
@@ -236,12 +216,36 @@ class Library:
 
   # --- reading ---------------------------------------------------------------------------
 
-  def _file(self, entry_id: str) -> Path:
+  def _file(self, entry_id, name) -> Path:
+    """The file of an entry; its id is checked first (the catalog is data, not code)."""
+    if not isinstance(entry_id, str) or not ID_FORM.match(entry_id):
+      raise LibraryError(f"catalog entry {name!r} has an invalid id {entry_id!r} (expected 32 "
+                         "hex digits); refused, nothing touched")
     return self.path / ADAPTERS / f"{entry_id}.safetensors"
+
+  def _adapters(self) -> Path:
+    """The adapters/ folder, checked to lie inside the library (symlinks resolved)."""
+    return self._confined(self.path / ADAPTERS, "the adapters folder")
+
+  def _confined(self, path: Path, what: str) -> Path:
+    try:
+      return untrusted.confined(path, self.path, what)
+    except ValueError as e:
+      raise LibraryError(str(e)) from None
+
+  def _entry_file(self, entry_id, name) -> Path:
+    """The file of an entry, about to be opened, written or deleted: id and place checked."""
+    self._adapters()
+    return self._confined(self._file(entry_id, name), f"catalog entry {name!r}")
 
   def version(self) -> int:
     """The catalog version, bumped by every committed add / remove (any process)."""
-    return int(self._conn.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
+    row = self._conn.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+    try:
+      return int(row[0])
+    except (TypeError, ValueError):
+      raise LibraryError(f"catalog {self.path / CATALOG} is damaged: no valid version "
+                         f"(got {row!r})") from None
 
   _COLUMNS = ("a.id, a.name, a.base_model, a.encoder, e.pooling, a.prototype, a.n_samples, "
               "a.rank, a.dtype, a.sha256, a.size, a.created, a.metadata, a.signature")
@@ -249,9 +253,19 @@ class Library:
   def _entry(self, row) -> Entry:
     (id_, name, base, enc, pooling, proto, n, rank, dtype, sha, size, created, meta,
      sig) = row
+    try:
+      if not (all(isinstance(v, str) for v in (name, base, enc, pooling, dtype, sha, created))
+              and all(type(v) is int and v >= 0 for v in (n, rank, size))
+              and isinstance(proto, bytes) and proto and len(proto) % 4 == 0):
+        raise ValueError("a field has the wrong type")
+      metadata = untrusted.loads_json(meta, "its metadata")
+      if not isinstance(metadata, dict):
+        raise ValueError("its metadata is not a JSON object")
+      signature = Signature.from_json(untrusted.loads_json(sig, "its signature"))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+      raise LibraryError(f"catalog entry {name!r} is damaged: {e}") from None
     return Entry(id_, name, base, enc, pooling, np.frombuffer(proto, "<f4").copy(), n, rank,
-                 dtype, sha, size, created, json.loads(meta),
-                 Signature.from_json(json.loads(sig)), self._file(id_))
+                 dtype, sha, size, created, metadata, signature, self._file(id_, name))
 
   def get(self, name: str) -> Entry:
     """The catalog row of ``name``."""
@@ -293,8 +307,14 @@ class Library:
     rows = self._conn.execute(
         "SELECT b.id, b.structure, b.structure_hash, COUNT(a.id) FROM base_models b "
         "LEFT JOIN adapters a ON a.base_model = b.id GROUP BY b.id ORDER BY b.id")
-    return {r[0]: {"structure": json.loads(r[1]), "structure_hash": r[2], "count": r[3]}
-            for r in rows}
+    return {r[0]: {"structure": self._json(r[1], f"base model {r[0]!r}"),
+                   "structure_hash": r[2], "count": r[3]} for r in rows}
+
+  def _json(self, text, what: str):
+    try:
+      return untrusted.loads_json(text, f"the catalog's {what}")
+    except (ValueError, TypeError) as e:
+      raise LibraryError(f"catalog {self.path / CATALOG} is damaged: {e}") from None
 
   def _encoder_id(self, encoder: str | None) -> str:
     # The encoders table only holds encoders that still have adapters (see _drop_unused).
@@ -316,6 +336,15 @@ class Library:
     rows = self._conn.execute(
         "SELECT name, prototype, n_samples FROM adapters WHERE encoder = ? ORDER BY rowid",
         (encoder,)).fetchall()
+    dim = self._conn.execute("SELECT dim FROM encoders WHERE id = ?", (encoder,)).fetchone()[0]
+    if not rows:   # the encoders table lists it, so an adapter must: an index is damaged
+      raise LibraryError(f"catalog {self.path / CATALOG} is damaged: encoder {encoder!r} has "
+                         "no adapters although the catalog lists it; run `rpe library verify`")
+    for name, blob, n in rows:
+      if (not isinstance(blob, bytes) or len(blob) != 4 * dim or type(n) is not int
+          or not np.isfinite(np.frombuffer(blob, "<f4")).all()):
+        raise LibraryError(f"catalog entry {name!r} is damaged: its prototype is not "
+                           f"{dim} finite float32 values")
     matrix = np.stack([np.frombuffer(r[1], "<f4") for r in rows]).astype(np.float32)
     return Prototypes(tuple(r[0] for r in rows), matrix,
                       np.asarray([r[2] for r in rows], np.int64))
@@ -349,11 +378,16 @@ class Library:
   def load(self, name: str, *, as_tensors: bool = False):
     """The adapter ``name`` as an exchange-form tree (or numpy tensors), after checking the
     file's size and sha256 and its signature against the catalog and base model."""
-    entry = self.get(name)
+    return self._load_entry(self.get(name), as_tensors)
+
+  def _load_entry(self, entry: Entry, as_tensors: bool):
+    name = entry.name
     try:
-      data = entry.path.read_bytes()
+      data = self._entry_file(entry.id, name).read_bytes()
     except FileNotFoundError:
       raise LibraryError(f"adapter {name!r}: file {entry.path} is missing") from None
+    except OSError as e:
+      raise LibraryError(f"adapter {name!r}: cannot read {entry.path}: {e.strerror}") from None
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != entry.size or digest != entry.sha256:
       raise LibraryError(f"adapter {name!r}: file {entry.path} is corrupt ({len(data)} bytes, "
@@ -364,9 +398,9 @@ class Library:
       sig = adapter_file.signature(tensors)
     except AdapterFormatError as e:
       raise LibraryError(f"adapter {name!r}: {e}") from e
-    base_hash = self._conn.execute("SELECT structure_hash FROM base_models WHERE id = ?",
-                                   (entry.base_model,)).fetchone()[0]
-    if sig != entry.signature or sig.structure_hash != base_hash:
+    base = self._conn.execute("SELECT structure_hash FROM base_models WHERE id = ?",
+                              (entry.base_model,)).fetchone()
+    if base is None or sig != entry.signature or sig.structure_hash != base[0]:
       raise LibraryError(f"adapter {name!r}: file structure does not match the catalog / "
                          f"base model {entry.base_model!r}")
     return tensors if as_tensors else adapter_file.to_tree(tensors)
@@ -387,7 +421,11 @@ class Library:
     base = self._conn.execute("SELECT structure_hash, structure FROM base_models WHERE id = ?",
                               (base_model,)).fetchone()
     if base is not None and base[0] != sig.structure_hash:
-      want = {p: (i, o) for p, i, o in json.loads(base[1])}
+      try:
+        want = {p: (i, o) for p, i, o in self._json(base[1], f"base model {base_model!r}")}
+      except (TypeError, ValueError) as e:
+        raise LibraryError(f"catalog {self.path / CATALOG}: base model {base_model!r} has a "
+                           f"damaged structure ({e})") from None
       got = {p: (i, o) for p, i, o in sig.structure}
       diff = [f"{p}: base {want.get(p)} vs adapter {got.get(p)}"
               for p in sorted(set(want) | set(got)) if want.get(p) != got.get(p)]
@@ -403,6 +441,8 @@ class Library:
     if enc is not None and enc[1] != pooling:
       raise LibraryError(f"pooling {pooling!r} differs from encoder {encoder!r}'s "
                          f"{enc[1]!r}; use another encoder id for another pooling")
+    if row is not None:   # the old file will be deleted: check it is ours to delete
+      self._entry_file(row[0], name)
     return None if row is None else row[0]
 
   def _begin(self) -> None:
@@ -429,8 +469,9 @@ class Library:
     _check_str(encoder, "encoder")
     _check_str(pooling, "pooling")
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) \
-        or n_samples < 1:
-      raise LibraryError(f"n_samples must be a positive integer, got {n_samples!r}")
+        or not 1 <= n_samples <= MAX_INT:
+      raise LibraryError(f"n_samples must be a positive integer up to 2**63 - 1 (what the "
+                         f"catalog stores), got {n_samples!r}")
     try:
       meta_json = json.dumps(metadata or {}, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -447,8 +488,9 @@ class Library:
     self._validate(name, sig, proto, base_model, encoder, pooling, replace)  # fail early
 
     entry_id = uuid.uuid4().hex
-    adapters = self.path / ADAPTERS
-    tmp, final = adapters / f"{TMP_PREFIX}{entry_id}.safetensors", self._file(entry_id)
+    adapters = self._adapters()
+    tmp, final = (adapters / f"{TMP_PREFIX}{entry_id}.safetensors",
+                  self._file(entry_id, name))
     committed, old_id = False, None
     try:
       with open(tmp, "wb") as f:
@@ -494,7 +536,7 @@ class Library:
         for p in (tmp, final):
           p.unlink(missing_ok=True)
     if old_id is not None:
-      self._file(old_id).unlink(missing_ok=True)
+      self._entry_file(old_id, name).unlink(missing_ok=True)
       _fsync_dir(adapters)
     return self.get(name)
 
@@ -512,6 +554,7 @@ class Library:
       row = self._conn.execute("SELECT id FROM adapters WHERE name = ?", (name,)).fetchone()
       if row is None:
         raise LibraryError(f"no adapter named {name!r} in library {self.path}")
+      path = self._entry_file(row[0], name)   # before anything changes
       self._conn.execute("DELETE FROM adapters WHERE id = ?", (row[0],))
       self._drop_unused(self._conn)
       self._conn.execute(
@@ -520,42 +563,15 @@ class Library:
     finally:
       if self._conn.in_transaction:
         self._conn.execute("ROLLBACK")
-    self._file(row[0]).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
     _fsync_dir(self.path / ADAPTERS)
+
+  def integrity(self) -> list[str]:
+    """SQLite's ``integrity_check`` and ``foreign_key_check`` findings (empty when sound)."""
+    return checks.integrity(self)
 
   def verify(self, *, repair: bool = False, check_files: bool = True,
              progress: Callable | None = None) -> VerifyReport:
-    """Check every row has an intact file (size, sha256, signature) and every file a row.
-
-    ``repair=True`` deletes orphan files (and leftover temp files); rows with a missing or
-    corrupt file are reported, never dropped silently — remove them by name. Repair while
-    another process is adding can delete that add's temp file; the add then fails cleanly.
-    """
-    if repair:
-      self._writable()
-    rows = self._conn.execute("SELECT id, name FROM adapters ORDER BY name").fetchall()
-    missing, corrupt = [], []
-    for entry_id, name in (progress(rows) if progress else rows):
-      if not self._file(entry_id).is_file():
-        missing.append(name)
-      elif check_files:
-        try:
-          self.load(name, as_tensors=True)
-        except LibraryError:
-          corrupt.append(name)
-    known = {f"{r[0]}.safetensors" for r in rows}
-    orphans = sorted(p.name for p in (self.path / ADAPTERS).iterdir() if p.name not in known)
-    removed = []
-    if repair and orphans:
-      # Re-read under the write lock: a concurrent add may have committed its file since.
-      self._begin()
-      try:
-        known = {f"{r[0]}.safetensors" for r in self._conn.execute("SELECT id FROM adapters")}
-        for orphan in orphans:
-          if orphan not in known:
-            (self.path / ADAPTERS / orphan).unlink(missing_ok=True)
-            removed.append(orphan)
-      finally:
-        self._conn.execute("ROLLBACK")
-      _fsync_dir(self.path / ADAPTERS)
-    return VerifyReport(len(rows), missing, corrupt, orphans, removed)
+    """Check the catalog, every row and file, and that every file has a row (see
+    ``rpe_jax.library.checks.verify``); ``repair=True`` deletes orphan files only."""
+    return checks.verify(self, repair=repair, check_files=check_files, progress=progress)

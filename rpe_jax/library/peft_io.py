@@ -30,10 +30,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from models import hf
 from models.lora import LoRA, SVDLoRA, adapted_layers, from_flat, to_flat
+from rpe_jax.library import untrusted
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -124,8 +125,20 @@ def read_peft(folder, model: nnx.Module, *, dtype=jnp.float32) -> dict:
     raise FileNotFoundError(f"{config_path} does not exist")
   if not weights_path.exists():
     raise FileNotFoundError(f"{weights_path} does not exist (only safetensors adapters are read)")
-  config = json.loads(config_path.read_text())
+  config = untrusted.read_json(config_path)
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path} is not a JSON object")
   _check_config(config, folder)
+  untrusted.safetensors_header(weights_path)   # bounded and checked before safetensors reads it
+  try:
+    return _read_peft(config, weights_path, model, dtype)
+  except SafetensorError as e:
+    raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
+  except (TypeError, AttributeError, re.error) as e:   # config values of the wrong kind
+    raise ValueError(f"{config_path}: {type(e).__name__}: {e}") from None
+
+
+def _read_peft(config: dict, weights_path: Path, model, dtype) -> dict:
   r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
   rank_pattern = config.get("rank_pattern") or {}
   alpha_pattern = config.get("alpha_pattern") or {}
@@ -172,8 +185,8 @@ def read_peft(folder, model: nnx.Module, *, dtype=jnp.float32) -> dict:
                          f"(legacy and transformers-v5 names of one module?)")
       layer = layers[ours]
       lora_a, lora_b = f.get_tensor(pair["A"]), f.get_tensor(pair["B"])
-      r = lora_a.shape[0]
-      if lora_a.shape != (r, layer.in_features) or lora_b.shape != (layer.out_features, r):
+      r = lora_a.shape[0] if lora_a.ndim == 2 else 0
+      if r < 1 or lora_a.shape != (r, layer.in_features) or lora_b.shape != (layer.out_features, r):
         raise ValueError(
             f"{weights_path}: module {module!r}: lora_A {tuple(lora_a.shape)} / lora_B "
             f"{tuple(lora_b.shape)} do not fit the layer {ours!r} "
