@@ -63,20 +63,19 @@ def open_library(path):
 
 def targets_from_prototypes(files) -> tuple[list[str], np.ndarray]:
   """(names, z [B, d] float32) from .npy files of one [d] prototype or a batch [B, d]."""
+  from rpe_jax.library import untrusted
   names, rows = [], []
   for file in files:
-    try:
-      z = np.load(file, allow_pickle=False)
-    except (OSError, ValueError) as e:
-      raise ValueError(f"--prototype {file}: cannot read it as a .npy array ({e})") from None
+    z = untrusted.read_npy(file, "--prototype")
     if z.ndim == 1:
       z = z[None]
-    if z.ndim != 2 or not np.issubdtype(z.dtype, np.number):
-      raise ValueError(f"--prototype {file}: expected a numeric [d] or [B, d] array, got "
+    if z.ndim != 2 or 0 in z.shape:
+      raise ValueError(f"--prototype {file}: expected a non-empty [d] or [B, d] array, got "
                        f"{z.dtype} {list(z.shape)}")
+    z = untrusted.check_float32(z, f"--prototype {file}")
     stem = Path(file).stem
     names += [stem] if len(z) == 1 else [f"{stem}[{i}]" for i in range(len(z))]
-    rows.append(z.astype(np.float32))
+    rows.append(z)
   dims = {r.shape[1] for r in rows}
   if len(dims) != 1:
     raise ValueError(f"--prototype files have different dimensions {sorted(dims)}")
@@ -96,9 +95,35 @@ def dataset_prototypes(datasets, model, pooling, progress) -> tuple[np.ndarray, 
   return np.stack([p.z for p in protos]), [p.n for p in protos]
 
 
+def _one_base_model(library, found, encoder, base_model, exclude) -> list[str]:
+  """The names to exclude so that retrieval stays within ``base_model`` (or nothing when
+  None); with ``found`` (a retrieval), an error if its adapters mix base models."""
+  bases = {e.name: e.base_model for e in library.entries(encoder=encoder)}
+  if found is None:
+    if base_model is None:
+      return list(exclude)
+    if base_model not in bases.values():
+      raise ValueError(f"--base-model {base_model!r}: the library has no adapters of it for "
+                       f"this encoder; it has {sorted(set(bases.values()))}")
+    return list(exclude) + [n for n, b in bases.items() if b != base_model]
+  for b, row in enumerate(np.atleast_2d(found.names)):
+    mixed = {}
+    for name in map(str, row):
+      mixed.setdefault(bases.get(name), name)
+    if len(mixed) > 1:
+      pairs = ", ".join(f"{n} ({m})" for m, n in mixed.items())
+      raise ValueError(f"target {b}: the retrieved adapters belong to different base models "
+                       f"[{pairs}]; composing them is meaningless — pass --base-model")
+  return list(exclude)
+
+
 def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=None, lam2_rel=None, encoder=None,
-                    exclude=(), rank=None, energy=None, clock=None, mesh=None):
+                    exclude=(), rank=None, energy=None, clock=None, mesh=None,
+                    base_model=None):
   """Retrieve, weigh and compose for a batch of target prototypes z [B, d].
+
+  The retrieved adapters of a target must share one base model: ``base_model`` restricts
+  retrieval to it; without it a mix is refused, naming the adapters and their bases.
 
   One retrieval and one batched weight solve serve all targets; the references and
   squared distances that retrieval computed are handed to the weighting step.
@@ -109,7 +134,9 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=None, lam2_rel=No
   from rpe_jax.compose import combine
   clock = clock or Clock()
   with clock("retrieve"):
-    found = library.query(z, k, encoder=encoder, exclude=list(exclude))
+    exclude = _one_base_model(library, None, encoder, base_model, exclude)
+    found = library.query(z, k, encoder=encoder, exclude=exclude)
+    _one_base_model(library, found, encoder, base_model, exclude)
   with clock("weigh"):
     w = weighting.compute_weights(found.references, z, strategy, lam1=lam1, lam2=lam2,
                                   lam2_rel=lam2_rel,

@@ -284,7 +284,7 @@ def test_rpe_compose_through_the_dispatcher(library, tmp_path, capsys):
     (["--strategy", "median"], None),   # argparse rejects it (exit 2)
     (["--library", "MISSING"], "not an adapter library"),
     (["--prototype", "BADDIM"], "dimension"),
-    (["--prototype", "NOTNPY"], "cannot read"),
+    (["--prototype", "NOTNPY"], "not a .npy file"),
     (["--data", "nosuch:thing", "--model", "demo"], "unknown dataset URI scheme"),
     (["--data", "folder:NOFOLDER", "--model", "demo"], "NOFOLDER"),
     (["--encoder", "other-enc"], "not in the library"),

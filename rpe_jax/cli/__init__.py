@@ -51,7 +51,13 @@ def error(message: str) -> int:
 
 # Failures caused by the user's input or environment: one line and exit 2, never a traceback
 # (unless --traceback). OSError covers missing, unreadable and unwritable files.
-USER_ERRORS = (ValueError, OSError, EOFError, OverflowError, RecursionError, sqlite3.Error)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, OSError, EOFError, OverflowError, RecursionError, sqlite3.Error)
+try:   # safetensors' parse errors derive from Exception only
+  from safetensors import SafetensorError
+  USER_ERRORS += (SafetensorError,)
+except ImportError:   # pragma: no cover - safetensors is a dependency
+  pass
 
 
 def _describe(e: BaseException) -> str:
@@ -59,6 +65,10 @@ def _describe(e: BaseException) -> str:
     return f"{e.strerror or type(e).__name__}: {e.filename}"
   if isinstance(e, RecursionError):
     return f"input nested too deeply to parse ({e})"
+  if isinstance(e, sqlite3.Error):
+    return f"SQLite: {e}"
+  if type(e).__name__ == "SafetensorError":
+    return f"not a readable safetensors file: {e}"
   return str(e) or type(e).__name__
 
 

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from rpe_jax import pipeline
-from rpe_jax.cli import guarded
+from rpe_jax.cli import guarded, outputs
 from rpe_jax.cli.model_spec import load_model
 from rpe_jax.weighting import STRATEGIES
 
 FORMATS = ("safetensors", "peft", "orbax")
+WRITTEN_BY = "rpe_jax.compose"   # the report's mark: a folder holding it is the tool's
+_OUTPUT_NAME = re.compile(
+    r"(report\.json|composed|target-\d+|lambda_path-\d+\.png|\.tmp-compose-.*)\Z")
+_ADAPTER_FOLDER = re.compile(r"(composed|target-\d+)\Z")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +68,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--rank", type=int, help="re-truncate the composition to this rank")
   parser.add_argument("--energy", type=float,
                       help="re-truncate keeping singular values up to this cumulative share")
-  parser.add_argument("--out", help="output folder (nothing is written without it)")
+  parser.add_argument("--base-model", help="compose only adapters of this base model (a "
+                      "library mixing base models needs it)")
+  parser.add_argument("--out", help="output folder (nothing is written without it); an "
+                      "existing non-empty folder is written into only if this tool wrote it")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into an existing non-empty --out folder the tool did not "
+                      "write; only report.json, composed/, target-N/ and lambda_path-N.png "
+                      "are replaced")
   parser.add_argument("--format", default="safetensors", choices=FORMATS,
                       help="adapter output format (default safetensors)")
   parser.add_argument("--merge", action="store_true",
@@ -95,16 +104,32 @@ def _check_args(args) -> None:
     raise ValueError("--model is required with --data, --merge or --format peft")
   if (args.merge or args.format != "safetensors") and not args.out:
     raise ValueError("--merge and --format need --out")
-  if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-    raise ValueError(f"--out {args.out} exists and is not a folder")
+  if args.out:
+    outputs.check_folder(args.out, option="--out", overwrite=args.overwrite, owned=_ours,
+                         names="report.json, composed/, target-N/ and lambda_path-N.png")
+
+
+def _ours(folder: Path) -> bool:
+  """Does ``folder`` hold only what this command writes, with its report?"""
+  from rpe_jax.library import untrusted
+  names = [p.name for p in folder.iterdir()]
+  if "report.json" not in names or not all(_OUTPUT_NAME.match(n) for n in names):
+    return False
+  try:
+    report = untrusted.read_json(folder / "report.json")
+  except ValueError:
+    return False
+  return isinstance(report, dict) and report.get("written_by") == WRITTEN_BY
 
 
 def _write_outputs(args, out: Path, target_names, composed, model, report) -> None:
-  """Write everything under a temporary folder first, then move it into ``out``."""
+  """Write everything under a temporary folder first, then move it into ``out`` (the
+  report last); in a folder of an earlier run, its other adapter folders go too."""
   from rpe_jax.library import adapter_file
-  out.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=".tmp-compose-", dir=out))
-  try:
+  outputs.check_folder(out, option="--out", overwrite=args.overwrite, owned=_ours,
+                       names="report.json, composed/, target-N/ and lambda_path-N.png")   # again: time passed
+  owned = out.is_dir() and _ours(out)
+  with outputs.staged(out, prefix=".tmp-compose-") as staging:
     folders = []
     for i, (name, adapter) in enumerate(zip(target_names, composed)):
       folder = staging / (f"target-{i}" if len(composed) > 1 else "composed")
@@ -126,13 +151,10 @@ def _write_outputs(args, out: Path, target_names, composed, model, report) -> No
         hf.save(merge_into(model, adapter), folder / "merged")
       folders.append(folder)
     (staging / "report.json").write_text(json.dumps(report, indent=2))
-    for item in sorted(staging.iterdir()):
-      dest = out / item.name
-      if dest.exists():
-        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-      os.replace(item, dest)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    new = {f.name for f in folders}
+    stale = sorted(p.name for p in out.iterdir()
+                   if owned and _ADAPTER_FOLDER.match(p.name) and p.name not in new)
+    outputs.install(staging, out, folders + [staging / "report.json"], stale=stale)
 
 
 def format_table(name, names, sqdist, weights) -> str:
@@ -189,7 +211,7 @@ def run(args) -> int:
       library, z, k=args.k, strategy=args.strategy, lam1=args.lam1, lam2=args.lam2,
       lam2_rel=args.lam2_rel,
       encoder=encoder, exclude=args.exclude, rank=args.rank, energy=args.energy, clock=clock,
-      mesh=mesh)
+      mesh=mesh, base_model=args.base_model)
   status_names = [sparse_simplex.status_name(int(s)) for s in np.atleast_1d(w.status)]
   targets = []
   for b, name in enumerate(target_names):
@@ -223,6 +245,7 @@ def run(args) -> int:
       "lam2": args.lam2 if args.lam2 is not None or args.lam2_rel is not None else 10.0,
       "lam2_rel": args.lam2_rel,
       "exclude": args.exclude, "rank": args.rank, "energy": args.energy,
+      "base_model": args.base_model, "written_by": WRITTEN_BY,
       "targets": targets, "timings_s": {},
   }
   write = args.out and distributed.is_primary()
@@ -235,8 +258,8 @@ def run(args) -> int:
           plot_lambda_path(path, Path(args.out) / f"lambda_path-{b}.png", index=b,
                            names=t["retrieved"], title=f"λ path: {t['target']}")
   report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
-  if write:   # rewrite with the final timings
-    (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
+  if write:   # rewrite with the final timings, atomically
+    outputs.atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
   if args.json:
     print(json.dumps(report, indent=2))
   else:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rpe_jax.library import adapter_file
+from rpe_jax.library import adapter_file, untrusted
+from rpe_jax.cli import outputs
 from rpe_jax.cli.model_spec import load_model
 from rpe_jax.library.catalog import Entry, Library, LibraryError
 
@@ -36,27 +37,27 @@ def _emit(args, obj, text: str) -> None:
 
 def _load_npy(path: str, what: str) -> np.ndarray:
   try:
-    return np.load(path, allow_pickle=False)
-  except FileNotFoundError:
-    raise LibraryError(f"{what} file {path} does not exist") from None
-  except (ValueError, OSError) as e:
-    raise LibraryError(f"{what} file {path} is not a readable .npy array: {e}") from e
+    x = untrusted.read_npy(path, what)
+    if x.ndim not in (1, 2):
+      raise LibraryError(f"{what} file {path}: expected a vector [d] or a batch [B, d], got "
+                         f"shape {list(x.shape)}")
+    return untrusted.check_float32(x, f"{what} file {path}")
+  except untrusted.UntrustedInputError as e:
+    raise LibraryError(str(e)) from None
 
 
 def _metadata(text: str | None) -> dict | None:
   if text is None:
     return None
-  source = "--metadata"
-  if text.startswith("@"):
-    source = text[1:]
-    try:
-      text = Path(source).read_text()
-    except OSError as e:
-      raise LibraryError(f"cannot read metadata file {source}: {e.strerror}") from e
   try:
-    meta = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise LibraryError(f"{source} is not valid JSON: {e}") from e
+    if text.startswith("@"):
+      source = f"--metadata file {text[1:]}"
+      meta = untrusted.read_json(text[1:], "--metadata file")
+    else:
+      source = "--metadata"
+      meta = untrusted.loads_json(text, source)
+  except untrusted.UntrustedInputError as e:
+    raise LibraryError(str(e)) from None
   if not isinstance(meta, dict):
     raise LibraryError(f"{source} must be a JSON object, got {type(meta).__name__}")
   return meta
@@ -98,7 +99,7 @@ def _import_peft(args) -> int:
   adapter = peft_io.read_peft(args.folder, load_model(args.model))
   base_model = args.base_model
   if base_model is None:
-    config = json.loads((Path(args.folder) / peft_io.CONFIG_NAME).read_text())
+    config = untrusted.read_json(Path(args.folder) / peft_io.CONFIG_NAME)
     base_model = config.get("base_model_name_or_path")
     if not base_model:
       raise LibraryError("--base-model is required: the PEFT folder's adapter_config.json "
@@ -114,8 +115,12 @@ def _export_peft(args) -> int:
   with Library.open(args.library, readonly=True) as lib:
     entry = lib.get(args.name)
     adapter = lib.load(args.name)
-  folder = peft_io.write_peft(adapter, load_model(args.model), args.folder,
-                              base_model_name_or_path=entry.base_model)
+  model = load_model(args.model)
+  folder = outputs.check_folder(args.folder, option="output folder", overwrite=args.overwrite,
+                                names=f"{peft_io.CONFIG_NAME} and {peft_io.WEIGHTS_NAME}")
+  with outputs.staged(folder, prefix=".tmp-export-") as staging:
+    peft_io.write_peft(adapter, model, staging / "peft", base_model_name_or_path=entry.base_model)
+    outputs.install(staging, folder, sorted((staging / "peft").iterdir()))
   _emit(args, {"name": args.name, "folder": str(folder)},
         f"exported {args.name} to {folder}")
   return 0
@@ -177,6 +182,10 @@ def _verify(args) -> int:
                                                    file=sys.stderr, disable=None))
   obj = dict(report._asdict(), ok=report.ok)
   lines = [f"checked {report.checked} adapters: " + ("ok" if report.ok else "PROBLEMS")]
+  lines += [f"catalog damaged: {m}" for m in report.integrity]
+  if args.repair and report.integrity and report.orphans:
+    lines += ["orphans not removed: the catalog failed its integrity check"]
+  lines += [f"invalid entry: {n}" for n in report.invalid]
   lines += [f"missing file: {n}" for n in report.missing]
   lines += [f"corrupt file: {n}" for n in report.corrupt]
   lines += [f"orphan file: {n}" + (" (removed)" if n in report.removed else "")
@@ -226,6 +235,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
   p = command("export-peft", _export_peft, "write an adapter as a PEFT folder")
   p.add_argument("name", help="adapter name")
   p.add_argument("folder", help="output folder")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an existing non-empty folder the tool did not write "
+                 "(only adapter_config.json and adapter_model.safetensors are replaced)")
   p.add_argument("--model", required=True,
                  help="the base model: a Hugging Face checkpoint folder, or 'demo'")
   p = command("list", _list, "list the adapters")

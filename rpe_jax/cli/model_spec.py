@@ -36,8 +36,18 @@ def resolve_model(spec: str, *, seed: int = 0, progress: bool = False,
   if not (folder / "config.json").is_file():
     raise ValueError(f"{option} {spec}: not an HF checkpoint folder (no config.json) and not "
                      f"a built-in name ({', '.join(BUILTIN_MODELS)})")
+  from safetensors import SafetensorError
   from models import hf
-  model = hf.load(folder)
+  from rpe_jax.library import untrusted
+  # Read the JSON files first with a bounded depth and a message naming them.
+  for name in ("config.json", "preprocessor_config.json"):
+    if (folder / name).is_file() and not isinstance(
+        untrusted.read_json(folder / name, option), dict):
+      raise ValueError(f"{option} {folder / name} is not a JSON object")
+  try:
+    model = hf.load(folder)
+  except SafetensorError as e:
+    raise ValueError(f"{option} {spec}: a weights file is not readable safetensors: {e}") from None
   if (folder / "preprocessor_config.json").is_file():
     return ResolvedModel(model, Normalization.from_hf(str(folder), model.config.num_channels))
   config = model.config

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from rpe_jax.cli.model_spec import resolve_model
 from rpe_jax.tasks import images as data_lib
@@ -30,15 +32,35 @@ def configure(parser) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None, help="write the best adapter here (.safetensors; "
                       "a trained head goes next to it as <name>.head.safetensors)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out file (and its .head.safetensors)")
   parser.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints, every epoch")
   parser.add_argument("--resume", action="store_true",
                       help="continue from the latest checkpoint in --checkpoint-dir")
   parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _out_paths(out: str) -> tuple[Path, Path]:
+  stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+  return Path(out), Path(f"{stem}.head.safetensors")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+  tmp = path.with_name(f".tmp-{path.name}")
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
 def run(args) -> int:
   if args.resume and not args.checkpoint_dir:
     raise ValueError("--resume needs --checkpoint-dir")
+  if args.out and not args.overwrite:   # before hours of training, not after
+    existing = [str(p) for p in _out_paths(args.out) if p.exists()]
+    if existing:
+      raise ValueError(f"--out: {existing[0]} exists; pass --overwrite to replace it")
   splits = data_lib.load_splits(args.data, data_root=args.data_root, seed=args.seed)
   model, normalization = resolve_model(args.model, seed=args.seed, progress=not args.json)
   targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -50,14 +72,14 @@ def run(args) -> int:
                          progress=not args.json)
   test_acc = evaluate(result.model, splits.test, normalization=normalization)
   if args.out:
-    from rpe_jax.library.adapter_file import save_adapter
-    save_adapter(args.out, result.adapter, {"data": args.data, "model": args.model,
-                                            "kind": args.kind, "rank": str(args.rank),
-                                            "best_epoch": str(result.best_epoch)})
+    from rpe_jax.library.adapter_file import serialize
+    adapter_path, head_path = _out_paths(args.out)
+    _write_atomic(adapter_path, serialize(result.adapter, {
+        "data": args.data, "model": args.model, "kind": args.kind, "rank": str(args.rank),
+        "best_epoch": str(result.best_epoch)}))
     if result.head is not None:
-      from safetensors.numpy import save_file
-      stem = args.out[:-len(".safetensors")] if args.out.endswith(".safetensors") else args.out
-      save_file(result.head, f"{stem}.head.safetensors")
+      from safetensors.numpy import save
+      _write_atomic(head_path, save(result.head))
   summary = {"data": args.data, "model": args.model, "best_epoch": result.best_epoch,
              "initial_val_accuracy": result.initial_val_accuracy,
              "best_val_accuracy": result.best_val_accuracy, "test_accuracy": test_acc,

@@ -175,7 +175,7 @@ def _load_medmnist(rest, uri, data_root, seed) -> Splits:
       if missing:
         raise DatasetError(f"{path}: missing keys {missing} (has {sorted(keys)})")
       arrays = {k: npz[k] for k in need}
-  except (zipfile.BadZipFile, OSError, ValueError) as e:
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:   # EOFError: an empty file
     if isinstance(e, DatasetError):
       raise
     raise DatasetError(f"{path}: not a readable .npz file ({e})") from e
