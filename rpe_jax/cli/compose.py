@@ -126,8 +126,9 @@ def _write_outputs(args, out: Path, target_names, composed, model, report) -> No
   """Write everything under a temporary folder first, then move it into ``out`` (the
   report last); in a folder of an earlier run, its other adapter folders go too."""
   from rpe_jax.library import adapter_file
+  # Checked again: time has passed since _check_args.
   outputs.check_folder(out, option="--out", overwrite=args.overwrite, owned=_ours,
-                       names="report.json, composed/, target-N/ and lambda_path-N.png")   # again: time passed
+                       names="report.json, composed/, target-N/ and lambda_path-N.png")
   owned = out.is_dir() and _ours(out)
   with outputs.staged(out, prefix=".tmp-compose-") as staging:
     folders = []
