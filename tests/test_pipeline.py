@@ -437,6 +437,12 @@ def test_lam2_rel_and_the_path_reach_the_report_and_the_plot(library, tmp_path, 
   assert len(t["lambda_path"]["lam"]) == 31 and len(t["lambda_path"]["weights"][0]) == 3
   png = (out / "lambda_path-0.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not list(out.glob(".tmp-*"))   # drawn in the staging folder, then moved in
+  # A later run into the same (tool-written) folder without --path drops the stale plot.
+  assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--k", "3",
+               "--strategy", "lin", "--out", str(out), "--json"]) == 0
+  capsys.readouterr()
+  assert not (out / "lambda_path-0.png").exists() and (out / "composed").is_dir()
   # Both ways of giving λ2 at once is bad input: exit 2, one line.
   assert main(["--library", str(path), "--prototype", str(tmp_path / "z.npy"), "--lam2", "1",
                "--lam2-rel", "1"]) == 2

@@ -28,6 +28,7 @@ WRITTEN_BY = "rpe_jax.compose"   # the report's mark: a folder holding it is the
 _OUTPUT_NAME = re.compile(
     r"(report\.json|composed|target-\d+|lambda_path-\d+\.png|\.tmp-compose-.*)\Z")
 _ADAPTER_FOLDER = re.compile(r"(composed|target-\d+)\Z")
+_PLOT = re.compile(r"lambda_path-\d+\.png\Z")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +123,8 @@ def _ours(folder: Path) -> bool:
   return isinstance(report, dict) and report.get("written_by") == WRITTEN_BY
 
 
-def _write_outputs(args, out: Path, target_names, composed, model, report) -> None:
+def _write_outputs(args, out: Path, target_names, composed, model, report,
+                   path=None) -> None:
   """Write everything under a temporary folder first, then move it into ``out`` (the
   report last); in a folder of an earlier run, its other adapter folders go too."""
   from rpe_jax.library import adapter_file
@@ -151,10 +153,18 @@ def _write_outputs(args, out: Path, target_names, composed, model, report) -> No
         from rpe_jax.compose import merge_into
         hf.save(merge_into(model, adapter), folder / "merged")
       folders.append(folder)
+    if path is not None:   # the λ path of each target, drawn (``--path``)
+      from rpe_jax.weight_path_plot import plot_lambda_path
+      for b, t in enumerate(report["targets"]):
+        png = staging / f"lambda_path-{b}.png"
+        plot_lambda_path(path, png, index=b, names=t["retrieved"],
+                         title=f"λ path: {t['target']}")
+        folders.append(png)
     (staging / "report.json").write_text(json.dumps(report, indent=2))
     new = {f.name for f in folders}
     stale = sorted(p.name for p in out.iterdir()
-                   if owned and _ADAPTER_FOLDER.match(p.name) and p.name not in new)
+                   if owned and p.name not in new and (
+                       _ADAPTER_FOLDER.match(p.name) or _PLOT.match(p.name)))
     outputs.install(staging, out, folders + [staging / "report.json"], stale=stale)
 
 
@@ -252,12 +262,7 @@ def run(args) -> int:
   write = args.out and distributed.is_primary()
   if write:
     with clock("write"):
-      _write_outputs(args, Path(args.out), target_names, composed, model, report)
-      if path is not None:
-        from rpe_jax.weight_path_plot import plot_lambda_path
-        for b, t in enumerate(targets):
-          plot_lambda_path(path, Path(args.out) / f"lambda_path-{b}.png", index=b,
-                           names=t["retrieved"], title=f"λ path: {t['target']}")
+      _write_outputs(args, Path(args.out), target_names, composed, model, report, path)
   report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
   if write:   # rewrite with the final timings, atomically
     outputs.atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
