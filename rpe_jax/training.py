@@ -31,7 +31,6 @@ import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

@@ -9,7 +9,7 @@ from pathlib import Path
 from rpe_jax.cli.model_spec import resolve_model
 from rpe_jax.tasks import images as data_lib
 from rpe_jax.tasks.classification import (FOUNDATION_SITES, TrainConfig, evaluate,
-                                          pretrain_foundation, train_adapter)
+                                          train_adapter)
 
 
 def configure(parser) -> None:

@@ -23,7 +23,6 @@ Everything malformed raises ``DatasetError`` naming the file or URI and what is 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zipfile
 from typing import Callable, NamedTuple
