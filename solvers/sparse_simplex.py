@@ -11,14 +11,10 @@ the objective of a large-λ affine problem, whose solution *is* the simplex solu
 matches the simplex objective).
 
 Gram form. Only f(w) = wᵀGw − 2cᵀw + s matters (G = ZZᵀ, c = Zz, s = ‖z‖²). Under Σw = 1,
-f is translation invariant, so every problem is centred on the reference mean m: the Gram
-form is centred exactly (``centre_gram``: G̃ = PGP, c̃ = P(c − G1/k),
-s̃ = s − 2·1ᵀc/k + 1ᵀG1/k², P = I − 11ᵀ/k). ``solve`` forms it from the references shifted
-by the target, f(w) = ‖Σ wᵢ(zᵢ − z)‖², i.e. (YYᵀ, 0, 0) with Y = Z − z: one batched matmul,
-a few problems per call (XLA:CPU's fastest form of small batched matmuls), as accurate as
-centring the vectors on m while the target is near the references; members whose target is
-far out are centred on m instead (``_gram_form``). After centring the uniform point
-w = 1/k has f = s̃, and the plane Σw = 0 carries all the curvature.
+f is translation invariant, so every vector is first centred on the reference mean m
+(``solve`` centres the vectors; ``solve_gram`` centres the Gram form exactly:
+G̃ = PGP, c̃ = P(c − G1/k), s̃ = s − 2·1ᵀc/k + 1ᵀG1/k², P = I − 11ᵀ/k). After centring the
+uniform point w = 1/k has f = s̃, and the plane Σw = 0 carries all the curvature.
 
 Iteration. FISTA with gradient-based adaptive restart (O'Donoghue & Candès) or plain
 projected gradient, step 1/L with L = 2·λ_max(PG̃P) from power iterations in the plane;
