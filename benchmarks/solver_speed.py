@@ -127,19 +127,15 @@ def accuracy(gram, w, lam, F_ref):
 
 
 def timed(fn, reps):
-  """(output, median wall seconds, compile seconds); ``timed.cpu``: median process CPU seconds
-  (every thread of the process; on a shared machine the fairer measure of work done)."""
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn())
   first = time.perf_counter() - t0
-  ts, cs = [], []
+  ts = []
   for _ in range(reps):
-    c0, t0 = time.process_time(), time.perf_counter()
+    t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     ts.append(time.perf_counter() - t0)
-    cs.append(time.process_time() - c0)
   med = float(np.median(ts))
-  timed.cpu = float(np.median(cs))
   return out, med, max(first - med, 0.0)
 
 
@@ -257,40 +253,44 @@ def run_config(B, k, d, kind, dtype, args):
   F_ref, F_ref_s = np.asarray(ref.objective), np.asarray(ref_s.objective)
   F_ref_s = F_ref_s - lam  # simplex objectives below are compared without the constant λ
 
-  def record(method, w, t, compile_s, iters=None, notes="", simplex=False, timed_on=B, cpu=None):
+  def record(method, w, t, compile_s, iters=None, notes="", simplex=False, timed_on=B):
     acc = accuracy(gram, w, lam if not simplex else 0.0, F_ref_s if simplex else F_ref)
     note(method=method, t_prob=t / timed_on if timed_on else t, probs_per_s=timed_on / t if t else None,
-         cpu_prob=None if cpu is None else cpu / timed_on,
          compile_s=compile_s, iters_med=None if iters is None else float(np.median(iters)),
          iters_max=None if iters is None else int(np.max(iters)), notes=notes, **acc)
 
   sol, t, comp = timed(lambda: ss.solve(Zj, zj, lam), args.reps)
-  cpu_ours = timed.cpu
-  record("ours", sol.weights, t, comp, sol.iterations, cpu=cpu_ours,
+  record("ours", sol.weights, t, comp, sol.iterations,
          notes=f"status {dict(zip(*np.unique(ss.status_name(sol.status), return_counts=True)))}")
   t_ours = t
   ours_excess = rows[-1]["excess_max"]
   sols, ts, comps = timed(lambda: ss.solve(Zj, zj, lam, constraint="simplex"), args.reps)
-  record("ours-simplex", sols.weights, ts, comps, sols.iterations, simplex=True, cpu=timed.cpu)
+  record("ours-simplex", sols.weights, ts, comps, sols.iterations, simplex=True)
   ours_excess_s = rows[-1]["excess_max"]
 
-  # the Gram floor: the solver's own Gram formation, a plain jit einsum, numpy, torch.bmm
-  def floor(method, fn, notes=""):
-    _, t, comp = timed(fn, args.reps)
-    note(method=method, t_prob=t / B, cpu_prob=timed.cpu / B, probs_per_s=B / t, compile_s=comp,
-         ours_ratio=t_ours / t, notes=notes)
-
-  chunk = ss._chunk(ss._GRAM_BYTES, k * d * np.dtype(dtype).itemsize)
-  own = jax.jit(lambda Z, z: ss._gram_form(Z, z, chunk))
-  floor("gram-ours", lambda: own(Zj, zj), f"the solver's Gram form (target-shifted, {chunk} problems per matmul)")
+  # the Gram floor
   ein = jax.jit(lambda Z: jnp.einsum("bkd,bjd->bkj", Z, Z))
-  floor("gram-einsum", lambda: ein(Zj))
-  floor("gram-numpy", lambda: np.matmul(Z, Z.transpose(0, 2, 1)))
+  _, t, comp = timed(lambda: ein(Zj), args.reps)
+  note(method="gram-einsum", t_prob=t / B, probs_per_s=B / t, compile_s=comp, ours_ratio=t_ours / t)
+  ts_np = []
+  for _ in range(args.reps):
+    t0 = time.perf_counter()
+    np.matmul(Z, Z.transpose(0, 2, 1))
+    ts_np.append(time.perf_counter() - t0)
+  t = float(np.median(ts_np))
+  note(method="gram-numpy", t_prob=t / B, probs_per_s=B / t, ours_ratio=t_ours / t)
   try:
     import torch
     Zt = torch.from_numpy(np.ascontiguousarray(Z))
-    floor("gram-torch-bmm", lambda: torch.bmm(Zt, Zt.transpose(1, 2)),
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    torch.bmm(Zt, Zt.transpose(1, 2))
+    ts_t = []
+    for _ in range(args.reps):
+      t0 = time.perf_counter()
+      torch.bmm(Zt, Zt.transpose(1, 2))
+      ts_t.append(time.perf_counter() - t0)
+    t = float(np.median(ts_t))
+    note(method="gram-torch-bmm", t_prob=t / B, probs_per_s=B / t, ours_ratio=t_ours / t,
+         notes=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   except ImportError:
     note(method="gram-torch-bmm", notes="torch not installed")
 
@@ -387,34 +387,14 @@ def fmt(x, spec=".3g"):
 
 
 def table(rows):
-  head = ("| B | k | kind | dtype | method | time/prob | CPU time/prob | probs/s | compile s | iters med/max | "
-          "excess med / max | \\|Σw−1\\| | ours/this | notes |")
-  lines = [head, "|" + "---|" * 14]
+  head = "| B | k | kind | dtype | method | time/prob | probs/s | compile s | iters med/max | excess med / max | \\|Σw−1\\| | ours/this | notes |"
+  lines = [head, "|" + "---|" * 13]
   for r in rows:
     it = "" if r.get("iters_med") is None else f"{r['iters_med']:.0f}/{r['iters_max']}"
     ex = "" if r.get("excess_max") is None else f"{r['excess_med']:.1e} / {r['excess_max']:.1e}"
-    lines.append(f"| {r['B']} | {r['k']} | {r['kind']} | {r['dtype']} | {r['method']} | {fmt(r.get('t_prob'))} s | {fmt(r.get('cpu_prob'))} s | "
+    lines.append(f"| {r['B']} | {r['k']} | {r['kind']} | {r['dtype']} | {r['method']} | {fmt(r.get('t_prob'))} s | "
                  f"{fmt(r.get('probs_per_s'), '.4g')} | {fmt(r.get('compile_s'), '.2f')} | {it} | {ex} | "
                  f"{fmt(r.get('viol'), '.1e')} | {fmt(r.get('ours_ratio'), '.3g')} | {r.get('notes', '')} |")
-  return "\n".join(lines)
-
-
-def ratios(rows):
-  """The issue's ratios per configuration (wall and CPU time): the solver's Gram formation and
-  the whole solve against torch.bmm's Gram, and the whole solve against its own Gram."""
-  head = ("| B | k | kind | dtype | iters med/max | ours ms/prob | gram-ours ms/prob | torch.bmm ms/prob | "
-          "gram-ours/torch | ours/torch | ours/gram-ours | CPU: gram-ours/torch | CPU: ours/torch | CPU: ours/gram-ours |")
-  lines = [head, "|" + "---|" * 14]
-  for cfg in sorted({(r["B"], r["k"], r["kind"], r["dtype"]) for r in rows}):
-    by = {r["method"]: r for r in rows if (r["B"], r["k"], r["kind"], r["dtype"]) == cfg}
-    o, g, t = by.get("ours"), by.get("gram-ours"), by.get("gram-torch-bmm")
-    if not (o and g and t and o.get("t_prob") and g.get("t_prob") and t.get("t_prob")):
-      continue
-    q = lambda a, b, key: f"{a[key] / b[key]:.2f}" if a.get(key) and b.get(key) else ""
-    lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | {o['iters_med']:.0f}/{o['iters_max']} | "
-                 f"{o['t_prob'] * 1e3:.4g} | {g['t_prob'] * 1e3:.4g} | {t['t_prob'] * 1e3:.4g} | "
-                 f"{q(g, t, 't_prob')} | {q(o, t, 't_prob')} | {q(o, g, 't_prob')} | "
-                 f"{q(g, t, 'cpu_prob')} | {q(o, t, 'cpu_prob')} | {q(o, g, 'cpu_prob')} |")
   return "\n".join(lines)
 
 
@@ -468,13 +448,11 @@ def main(argv=None):
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   meta = dict(jax=jax.__version__, devices=str(jax.devices()), argv=sys.argv[1:])
-  uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-  meta["load"] = f"`uptime` at start: {uptime()}"
   rows = []
 
   def save(final):
     # written after every configuration, so a run stopped part-way keeps what it measured
-    out.with_suffix(".md").write_text(f"{meta['load']}\n\n{ratios(rows)}\n\n{table(rows)}\n")
+    out.with_suffix(".md").write_text(table(rows) + "\n")
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, complete=final), indent=1,
                                                    default=float))
     plot([r for r in rows if r.get("probs_per_s")], out.with_suffix(".png"))
@@ -492,10 +470,8 @@ def main(argv=None):
           rows += run_config(B, k, args.d, kind, dtype, args)
           print(table([r for r in rows if (r["B"], r["k"], r["kind"], r["dtype"]) == (B, k, kind, dtype)]), flush=True)
           save(final=False)
-  meta["load"] += f"; at end: {uptime()}"
   save(final=True)
   print("\n" + table(rows))
-  print("\n" + meta["load"] + "\n\n" + ratios(rows))
   print(f"wrote {out}.md/.json/.png")
 
 
