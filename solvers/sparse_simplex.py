@@ -89,10 +89,7 @@ _POLISH_START = 1e-3  # first polish once every live member's relative gap is be
 # d=768, "subspace" in benchmarks/solver_speed.py) every 10 iterations cost 2.6 ms/problem,
 # every 50 1.06, every 100 0.53, every 200 0.68 (the member's own FISTA then finishes).
 _POLISH_EVERY = 100
-# Vectors per batched matmul when forming Gram matrices: XLA:CPU's batched small matmul is
-# fastest on a few problems at a time (measured B=2000, k=64, d=768 float32: CPU time
-# 1.0-1.2x torch.bmm for 2-4 problems per call, 1.4x for 10, 2.2x for 50, 2.3x unchunked).
-_GRAM_BYTES = 1 << 20
+_GRAM_BYTES = 2 << 20  # vectors per chunk when forming Gram matrices (cache-sized)
 _SOLVE_BYTES = 2 << 20  # Gram matrices per chunk while iterating (cache-sized)
 
 
@@ -124,56 +121,13 @@ def status_name(status):
 # --------------------------------------------------------------------------- Gram form
 
 
-def _mean_gram(refs, target):
-  """(G̃, c̃, s̃) of the vectors centred on the reference mean (the robust route)."""
+def _centred_gram(refs, target):
+  """(G̃, c̃, s̃) of the vectors centred on the reference mean (differentiable, dense)."""
   m = refs.mean(-2, keepdims=True)
   zr, zt = refs - m, target - m[..., 0, :]
   hi = lax.Precision.HIGHEST
   G = jnp.einsum("...kd,...jd->...kj", zr, zr, precision=hi)
   return G, jnp.einsum("...kd,...d->...k", zr, zt, precision=hi), (zt * zt).sum(-1)
-
-
-def _shifted_gram(refs, target):
-  """YYᵀ with Y = refs − target: the Gram form (YYᵀ, 0, 0) of the same f (see ``_gram_form``)."""
-  y = refs - target[..., None, :]
-  return jnp.einsum("...kd,...jd->...kj", y, y, precision=lax.Precision.HIGHEST)
-
-
-def _far(gram):
-  """Members of a shifted Gram YYᵀ whose target lies farther than twice the references'
-  rms spread from their mean: ‖z − m‖² = 1ᵀYYᵀ1/k² > 4·tr(PYYᵀP)/k."""
-  k = gram.shape[-1]
-  tot = gram.sum((-1, -2))
-  return tot / (k * k) > 4 * (jnp.trace(gram, axis1=-2, axis2=-1) - tot / k) / k
-
-
-def _gram_form(refs, target, chunk=None):
-  """A Gram form (G, c, s) of f for the vectors, to be centred by ``centre_gram``.
-
-  Under Σw = 1, f(w) = ‖Σ wᵢ(zᵢ − z)‖², so the Gram matrix of the references shifted by
-  the target, (YYᵀ, 0, 0) with Y = Z − z, is exact, and ``centre_gram`` turns it into the
-  mean-centred form. It costs one subtraction and one batched matmul (no mean, no
-  mat-vec), which XLA:CPU runs at the speed of the plain Gram. Its rounding is that of
-  ‖zᵢ − z‖², as accurate as centring on the mean while the target lies near the references
-  (``_far``); when some member's target lies farther out, those members take the mean-centred
-  form instead (the batch then pays for both). ``chunk``: problems per batched matmul.
-  """
-  run = (lambda f, *a: _map_chunks(f, a, chunk)) if chunk else (lambda f, *a: f(*a))
-  G = run(_shifted_gram, refs, target)
-  far = _far(G)
-  zero = (jnp.zeros(G.shape[:-1], G.dtype), jnp.zeros(G.shape[:-2], G.dtype))
-
-  def robust():
-    Gm, cm, sm = run(_mean_gram, refs, target)
-    pick = lambda a, b: jnp.where(far.reshape(far.shape + (1,) * (a.ndim - 1)), a, b)
-    return pick(Gm, G), pick(cm, zero[0]), pick(sm, zero[1])
-
-  return lax.cond(jnp.any(far), robust, lambda: (G,) + zero)
-
-
-def _centred_gram(refs, target):
-  """(G̃, c̃, s̃) of the vectors centred on the reference mean (differentiable, dense)."""
-  return centre_gram(*_gram_form(refs, target))
 
 
 def centre_gram(gram, corr, sqnorm):
@@ -416,10 +370,8 @@ def _gram_tangents(primals, tangents):
 def _solve_vectors(cfg, refs, target, lam):
   n, k, d = refs.shape
   item = refs.dtype.itemsize
-  G, c, s = _gram_form(refs, target, _chunk(_GRAM_BYTES, k * d * item))
-  # centred chunk by chunk, while the chunk's Grams are in cache (a no-op on centred ones)
-  return _map_chunks(lambda G, c, s, lam: _solve_centred(*centre_gram(G, c, s), lam, cfg), (G, c, s, lam),
-                     _chunk(_SOLVE_BYTES, k * k * item))
+  G, c, s = _map_chunks(_centred_gram, (refs, target), _chunk(_GRAM_BYTES, (k + 1) * d * item))
+  return _map_chunks(lambda *a: _solve_centred(*a, cfg), (G, c, s, lam), _chunk(_SOLVE_BYTES, k * k * item))
 
 
 @_with_jvp(_gram_tangents)

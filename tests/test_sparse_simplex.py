@@ -126,51 +126,6 @@ def test_matches_clarabel_k8_d16(clarabel, constraint):
   check_against_clarabel(clarabel, Z, z, lam, constraint, sol)
 
 
-def far_problems(rng, k, d, factors):
-  """One problem per factor: the target that many rms spreads away from the references' mean."""
-  u = 30 * rng.normal(size=(1, d))
-  Z = rng.normal(size=(len(factors), k, d)) + u
-  m = Z.mean(1)
-  rms = np.sqrt(np.mean(np.sum((Z - m[:, None]) ** 2, -1), -1))
-  step = rng.normal(size=(len(factors), d))
-  step *= (np.asarray(factors) * rms / np.linalg.norm(step, axis=-1))[:, None]
-  return Z, m + step + 0.1 * rng.normal(size=(len(factors), d))
-
-
-FAR = (0.0, 0.5, 1.0, 3.0, 30.0, 1000.0)
-
-
-def test_gram_form_is_the_centred_gram_near_and_far():
-  """The target-shifted Gram (fast route) and the mean route for far targets give the centred
-  Gram form to float32 rounding, against a float64 numpy oracle; the shifted route alone
-  would not for a far target (so the switch is needed)."""
-  rng = np.random.default_rng(21)
-  Z, z = far_problems(rng, 16, 64, FAR)
-  Z32, z32 = Z.astype(np.float32), z.astype(np.float32)
-  Zc = Z32.astype(np.float64) - Z32.astype(np.float64).mean(1, keepdims=True)
-  zc = z32.astype(np.float64) - Z32.astype(np.float64).mean(1)
-  oracle = (Zc @ Zc.transpose(0, 2, 1), np.einsum("nkd,nd->nk", Zc, zc), (zc * zc).sum(-1))
-  err = lambda got, ref: np.abs(np.asarray(got, np.float64) - ref).reshape(len(ref), -1).max(-1) / np.abs(
-      ref).reshape(len(ref), -1).max(-1)
-  with jax.enable_x64(False):
-    for chunk in (None, 2, 4):
-      got = ss.centre_gram(*ss._gram_form(jnp.asarray(Z32), jnp.asarray(z32), chunk))
-      for g, ref in zip(got, oracle):
-        assert np.all(err(g, ref) <= 2e-5), (chunk, err(g, ref))
-    G = ss._shifted_gram(jnp.asarray(Z32), jnp.asarray(z32))
-    shifted_only = ss.centre_gram(G, jnp.zeros(G.shape[:-1]), jnp.zeros(G.shape[:-2]))
-    np.testing.assert_array_equal(np.asarray(ss._far(G)), np.asarray(FAR) > 2)
-  assert err(shifted_only[0], oracle[0])[-1] > 1e-3  # 1000 spreads out: the mean route is needed
-
-
-@pytest.mark.parametrize("constraint", ["affine", "simplex"])
-def test_far_targets_match_clarabel(clarabel, constraint):
-  rng = np.random.default_rng(22)
-  Z, z = far_problems(rng, 8, 16, FAR * 2)
-  lam = lam_grid(Z, len(z)) if constraint == "affine" else 0.0
-  check_against_clarabel(clarabel, Z, z, lam, constraint, ss.solve(Z, z, lam, constraint=constraint))
-
-
 def test_lam0_is_the_kkt_closed_form():
   rng = np.random.default_rng(1)
   Z, z = make_problems(rng, 48, 8, 16, "random")
