@@ -18,8 +18,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models.llama import LlamaForCausalLM
+from models.llama import LlamaConfig, LlamaForCausalLM
 from models.lora import LoRA, Linear, SVDLoRA, is_lora, to_flat
+from models.sam import SamConfig
 from models.vit import ViTConfig, ViTForImageClassification
 from oracles import dense
 from rpe_jax import compose
