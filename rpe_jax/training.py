@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -106,7 +107,10 @@ def _unflatten(static: _Static, p: dict):
   return jax.tree.unflatten(static.treedef, [p[k] for k in sorted(p)])
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# p and the optimiser state are donated: the step updates them in place instead of holding
+# a second copy on device (fit hands it a copy of the model's arrays, so the caller's
+# model is untouched).
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
 def _step(static: _Static, p, opt_state, rest, lr, batch):
   def objective(p):
     model = nnx.merge(static.graphdef, _unflatten(static, p), rest)
@@ -195,14 +199,15 @@ def fit(model: nnx.Module, trainable, loss_fn: Callable, batches: Callable[[int]
     raise ValueError("nothing to train: the model has no trainable parameters")
   paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   keys = [f"p{i:04d}" for i in range(len(leaves))]   # orbax-friendly names, in tree order
-  p = dict(zip(keys, leaves))
+  initial_p = dict(zip(keys, leaves))   # the caller's arrays: never donated
+  p = jax.tree.map(jnp.copy, initial_p)
   schedule = learning_rate(config, epochs * steps_per_epoch)
   static = _Static(graphdef, treedef, loss_fn, float(config.weight_decay),
                    float(config.clip_norm), float(config.ortho_weight))
   opt_state = adamw_direction(static.weight_decay, static.clip_norm).init(p)
   as_model = lambda q: nnx.merge(graphdef, _unflatten(static, q), rest)
 
-  start, best_p, best_score, best_epoch, history = 0, p, None, -1, []
+  start, best_p, best_score, best_epoch, history = 0, initial_p, None, -1, []
   initial = evaluate(as_model(p)) if evaluate is not None else None
   losses = []
   manager = _manager(checkpoint_dir) if checkpoint_dir else None
@@ -238,9 +243,10 @@ def fit(model: nnx.Module, trainable, loss_fn: Callable, batches: Callable[[int]
         score = float(evaluate(as_model(p)))
         record[score_name] = score
         if best_score is None or score > best_score:
-          best_p, best_score, best_epoch = p, score, epoch
+          # a copy: the next step donates p
+          best_p, best_score, best_epoch = jax.tree.map(jnp.copy, p), score, epoch
       else:
-        best_p = p
+        best_p = p   # the last epoch wins; reassigned after every epoch, so never stale
       record["lr"] = float(schedule((epoch + 1) * steps_per_epoch - 1))
       record["seconds"] = time.perf_counter() - t0
       history.append(record)

@@ -95,3 +95,28 @@ def test_bad_arguments_are_named():
     OptimConfig(lr=0.0)
   with pytest.raises(ValueError, match="nothing to train"):
     fit(model, LoRAParam, _mse, lambda e: iter(()), epochs=1, steps_per_epoch=1)
+
+
+def test_the_step_donates_its_state_and_the_callers_model_survives(monkeypatch):
+  """Each step consumes (donates) the parameters and optimiser state it is given, so a
+  training run holds one copy of them on device; the caller's model is never donated."""
+  from rpe_jax import training
+  model = _Net(nnx.Rngs(0))
+  init_adapters(model, ("dense",), 2, rngs=nnx.Rngs(1))
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  b0 = np.asarray(adapter_of(model)["dense"].b)
+  given = []
+  real_step = training._step
+
+  def spy(static, p, opt_state, *rest):
+    given.append(jax.tree.leaves((p, opt_state)))
+    return real_step(static, p, opt_state, *rest)
+
+  monkeypatch.setattr(training, "_step", spy)
+  result = fit(model, LoRAParam, _mse, lambda epoch: iter(_data(3)), epochs=2,
+               steps_per_epoch=3, config=OptimConfig(lr=0.05), evaluate=lambda m: 0.0)
+  assert len(given) == 6
+  assert all(leaf.is_deleted() for leaves in given for leaf in leaves)
+  for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(got, want)     # readable, unchanged
+  assert not np.array_equal(adapter_of(result.model)["dense"].b, b0)   # it did train
