@@ -325,3 +325,23 @@ def test_bfloat16_parity_with_hf_bfloat16(tmp_path, name, impl):
   # Measured: ours vs HF f32 0.038 / 0.038, HF bf16 vs HF f32 0.036 / 0.032 (ratio ≤ 1.21);
   # allowed 2×.
   assert np.abs(out - ref32).max() <= 2 * np.abs(ref16 - ref32).max()
+
+
+def test_decoding_keeps_one_kv_cache_on_device():
+  """The whole decode is one jit: prefill, then a while_loop whose carry is the KV cache,
+  updated in place. A per-step copy (or a step function that did not donate its cache)
+  would need two caches; XLA's own memory analysis of the compiled decode says one (plus
+  one layer's worth of working space)."""
+  cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64)
+  model = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  B, T, N = 8, 16, 1000
+  graphdef, state = nnx.split(model)
+  compiled = llama._generate.lower(
+      graphdef, state, jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), bool), jax.random.key(0),
+      max_new_tokens=N, temperature=0.0, top_p=1.0, eos=(1,), pad=0,
+      cache_dtype=jnp.dtype(jnp.float32)).compile()
+  cache_bytes = 2 * cfg.num_hidden_layers * B * (T + N) * cfg.num_key_value_heads * cfg.head_dim * 4
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert cache_bytes <= temp < 1.5 * cache_bytes, (temp, cache_bytes)
