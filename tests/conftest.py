@@ -1,4 +1,5 @@
-"""Test session set-up: 8 fake CPU devices, set before JAX starts."""
+"""Test session set-up: 8 fake CPU devices, set before JAX starts; compiled code dropped
+after each module (see ``_release_compiled_code``)."""
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -25,8 +26,9 @@ def _release_compiled_code():
   (vm.max_map_count) and the next compile dies inside LLVM (SIGABRT or SIGSEGV, no
   message) — which is how CI died in tests/test_sparse_simplex.py. Clearing after every
   module keeps the count at what one module needs (< 8 000); it was also the fastest
-  choice measured (956 s for the suite, against 1 112–1 320 s when clearing only past
-  25 000 maps: compiles slow down as loaded executables pile up).
+  choice measured (956 s for the suite, against 1 112–1 320 s in two runs that cleared
+  only past 25 000 maps; our reading, not isolated: compiles slow down as loaded
+  executables pile up).
   """
   yield
   jax.clear_caches()
