@@ -38,6 +38,7 @@ from models.vit import ViTConfig, ViTForImageClassification
 from rpe_jax import batching, training
 from rpe_jax.compose import adapter_of, with_adapter
 from rpe_jax.tasks import images as data_lib
+from rpe_jax.tasks.contract import Task, Trained
 from rpe_jax.tasks.images import ImageDataset
 from rpe_jax.training import OptimConfig
 
@@ -266,3 +267,101 @@ def pretrain_foundation(sites=FOUNDATION_SITES, *, epochs: int = 8, lr: float = 
                       resume=False, progress=progress, stop_after=None,
                       desc="pretrain foundation", ortho=0.0)
   return best, TrainResult({}, None, best, **record)
+
+
+# --- the task contract ------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "normalization"))
+def _argmax(graphdef, state, images, normalization):
+  return jnp.argmax(nnx.merge(graphdef, state)(normalization(images)).logits, -1)
+
+
+def predict_labels(model: nnx.Module, dataset: ImageDataset, *, batch_size: int = 256,
+                   normalization: Normalization | None = None,
+                   progress: bool = False) -> np.ndarray:
+  """Argmax class indices [N] of a classification model, in dataset order (fixed-size
+  batches, the ragged tail padded: one compile)."""
+  normalization = normalization or Normalization.for_model(model)
+  graphdef, state = nnx.split(model)
+  batch_size = min(batch_size, len(dataset))
+  it = batching.batches(dataset, batch_size, tail="pad")
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(it, total=batching.num_batches(len(dataset), batch_size),
+              desc=f"predict {dataset.name}", unit="batch")
+  out = [np.asarray(_argmax(graphdef, state, b.images, normalization))[np.asarray(b.mask)]
+         for b in it]
+  return np.concatenate(out).astype(np.int64)
+
+
+def _all_splits(splits) -> ImageDataset:
+  """The union of a dataset's splits, train then val then test."""
+  parts = list(splits)
+  name = parts[0].name.rsplit("[", 1)[0]
+  return dataclasses.replace(parts[0], images=np.concatenate([p.images for p in parts]),
+                             labels=np.concatenate([p.labels for p in parts]),
+                             name=f"{name}[all]")
+
+
+class ClassificationTask(Task):
+  """Image classification with a ViT behind ``rpe_jax.tasks.contract.Task``: data by
+  ``rpe_jax.tasks.images`` URIs, CLS (or mean) features, argmax labels, top-1 accuracy."""
+
+  name = "classification"
+  metric = "accuracy"
+  pooling = "cls"
+
+  def load(self, uri, split="test", *, data_root=None, seed=0) -> ImageDataset:
+    if split == "all":
+      return _all_splits(data_lib.load_splits(uri, data_root=data_root, seed=seed))
+    return data_lib.load(uri, split, data_root=data_root, seed=seed)
+
+  def labeled(self, ds) -> bool:
+    return True   # an ImageDataset always carries labels
+
+  def size(self, ds) -> int:
+    return len(ds)
+
+  def prototype(self, tm, ds, *, pooling=None, progress=False):
+    from rpe_jax import prototypes
+    return prototypes.prototype(tm.model, ds, pooling or self.pooling,
+                                normalization=tm.normalization, progress=progress)
+
+  def train(self, tm, uri, options, *, data_root=None, progress=False):
+    splits = data_lib.load_splits(uri, data_root=data_root, seed=options.seed)
+    default = TrainConfig()
+    config = TrainConfig(rank=options.rank, kind=options.kind,
+                         targets=options.targets or default.targets,
+                         epochs=options.epochs or default.epochs,
+                         lr=options.lr or default.lr,
+                         batch_size=options.batch_size or default.batch_size,
+                         seed=options.seed, ortho_weight=options.ortho_weight)
+    result = train_adapter(tm.model, splits.train, splits.val, config,
+                           normalization=tm.normalization,
+                           checkpoint_dir=options.checkpoint_dir, resume=options.resume,
+                           progress=progress)
+    test = evaluate(result.model, splits.test, normalization=tm.normalization)
+    return Trained(result.adapter, result.head, result.model, {
+        "metric": self.metric, "initial_val": result.initial_val_accuracy,
+        "best_val": result.best_val_accuracy, "test": test,
+        "best_epoch": result.best_epoch, "head_trained": result.head is not None,
+        "n_train": len(splits.train), "history": result.history})
+
+  def predict(self, tm, ds, *, progress=False, **options) -> np.ndarray:
+    return predict_labels(tm.model, ds, normalization=tm.normalization, progress=progress)
+
+  def score(self, predictions, ds, **options) -> dict:
+    return {"accuracy": float(np.mean(np.asarray(predictions) == ds.labels))}
+
+  def write_predictions(self, predictions, ds, folder) -> list:
+    """``predictions.csv``: index, predicted class index, its class name, one row per image."""
+    import csv
+    from pathlib import Path
+    path = Path(folder) / "predictions.csv"
+    with open(path, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["index", "prediction", "class_name"])
+      names = ds.class_names
+      for i, p in enumerate(np.asarray(predictions)):
+        writer.writerow([i, int(p), names[int(p)] if int(p) < len(names) else ""])
+    return [path]

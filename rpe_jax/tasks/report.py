@@ -38,6 +38,7 @@ from models import llama
 from models.lora import LoRAParam, init_adapters
 from rpe_jax.compose import adapter_of, with_adapter
 from rpe_jax.prototypes import Prototype
+from rpe_jax.tasks.contract import Task, TaskModel, Trained
 from rpe_jax.training import OptimConfig, fit
 
 # --- Data -----------------------------------------------------------------------------
@@ -334,6 +335,32 @@ def train_adapter(model: llama.LlamaForCausalLM, data: TokenBatch,
   return TextTrainResult(adapter_of(result.model), result.model, result.losses)
 
 
+def pretrain_base(codec: Codec, reports: Sequence[Report], *, hidden: int = 64,
+                  layers: int = 2, steps: int = 300, batch_size: int = 16, lr: float = 3e-3,
+                  seed: int = 0) -> llama.LlamaForCausalLM:
+  """A small Llama trained in full (every weight, impression loss) on ``reports``: the
+  stand-in for a pretrained language model, which cannot be downloaded here."""
+  config = llama.LlamaConfig(vocab_size=codec.vocab_size, hidden_size=hidden,
+                             intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=hidden // 4, max_position_embeddings=512,
+                             bos_token_id=codec.bos_id, eos_token_id=(codec.eos_id,),
+                             pad_token_id=codec.pad_id)
+  model = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+  reports = list(reports)
+  data = encode_examples(codec, reports, _max_len(codec, reports), seed=seed)
+  train = TextTrainConfig(steps=steps, batch_size=min(batch_size, len(reports)), lr=lr,
+                          warmup_steps=max(1, steps // 10), seed=seed)
+  optim = OptimConfig(lr=lr, weight_decay=0.0, clip_norm=1.0,
+                      warmup_steps=max(1, min(train.warmup_steps, steps - 1)),
+                      schedule="warmup_cosine")
+  result = fit(model, nnx.Param, report_loss, lambda epoch: _sampler(data, train),
+               epochs=1, steps_per_epoch=steps, config=optim)
+  if not np.all(np.isfinite(result.losses)):
+    raise FloatingPointError("pretraining the report base diverged (non-finite loss)")
+  return result.model
+
+
 # --- Prototypes -----------------------------------------------------------------------
 
 
@@ -510,3 +537,92 @@ def synthetic_reports(modality: str, n: int, seed: int = 0) -> list[Report]:
     reports.append(Report(f"{exam}. There is a {size} {kind} in the {site}. {extra}",
                           f"{size.capitalize()} {kind} in the {site}."))
   return reports
+
+
+# --- The task contract ----------------------------------------------------------------
+
+
+def _max_len(codec: Codec, reports: Sequence[Report], cap: int = 256) -> int:
+  """Room for the longest training example (template, findings, impression, eos), ≤ cap."""
+  longest_template = max(len(codec.encode(t + "\nFindings: ")) for t in TEMPLATES)
+  tail = len(codec.encode("\nImpression:"))
+  need = max(len(codec.encode(r.findings)) + len(codec.encode(" " + r.impression))
+             for r in reports)
+  return min(cap, 2 + longest_template + tail + need)
+
+
+class ReportTask(Task):
+  """Report → impression generation with a causal LM behind
+  ``rpe_jax.tasks.contract.Task``: data by ``rpe_jax.tasks.report_data`` URIs, the
+  findings prototype, greedy impressions, ROUGE-L F1 (and BERTScore given a local model)."""
+
+  name = "report"
+  metric = "rouge_l"
+  pooling = "mean"
+  EPOCHS, LR, BATCH_SIZE = 10, 3e-3, 16
+
+  def load(self, uri, split="test", *, data_root=None, seed=0):
+    from rpe_jax.tasks import report_data
+    return report_data.load(uri, split, data_root=data_root, seed=seed)
+
+  def labeled(self, ds) -> bool:
+    return ds.impressions is not None
+
+  def _codec(self, tm):
+    if tm.codec is None:
+      raise ValueError("a report model needs its tokenizer (tokenizer.json in the model "
+                       "folder)")
+    return tm.codec
+
+  def prototype(self, tm, ds, *, pooling=None, progress=False):
+    if pooling not in (None, "mean"):
+      raise ValueError(f"report prototypes pool the findings tokens by their mean, not "
+                       f"{pooling!r}")
+    return findings_prototype(tm.model, self._codec(tm), list(ds.findings))
+
+  def train(self, tm, uri, options, *, data_root=None, progress=False):
+    from rpe_jax.tasks import report_data
+    if options.checkpoint_dir or options.resume:
+      raise ValueError("--checkpoint-dir / --resume: only classification training keeps "
+                       "checkpoints")
+    codec = self._codec(tm)
+    splits = report_data.load_splits(uri, data_root=data_root, seed=options.seed)
+    if splits.train.impressions is None:
+      raise ValueError(f"--data {uri}: training needs impressions")
+    reports = list(splits.train.reports)
+    batch_size = min(options.batch_size or self.BATCH_SIZE, len(reports))
+    data = encode_examples(codec, reports, _max_len(codec, reports), seed=options.seed)
+    epochs = options.epochs or self.EPOCHS
+    steps = epochs * (len(reports) // batch_size)
+    config = TextTrainConfig(rank=options.rank, kind=options.kind,
+                             targets=options.targets or TextTrainConfig().targets,
+                             steps=steps, batch_size=batch_size, lr=options.lr or self.LR,
+                             ortho_weight=options.ortho_weight, seed=options.seed)
+    val = lambda model: self.score(self.predict(TaskModel(model, codec=codec), splits.val),
+                                   splits.val)["rouge_l"]
+    before = val(tm.model)
+    result = train_adapter(tm.model, data, config)
+    return Trained(result.adapter, None, result.model, {
+        "metric": self.metric, "initial_val": before, "best_val": val(result.model),
+        "test": self.score(self.predict(TaskModel(result.model, codec=codec), splits.test),
+                           splits.test)["rouge_l"],
+        "steps": steps, "n_train": len(reports), "final_loss": float(result.losses[-1])})
+
+  def predict(self, tm, ds, *, progress=False, max_new_tokens=32, **options) -> list[str]:
+    return generate_impressions(tm.model, self._codec(tm), list(ds.findings),
+                                max_new_tokens=max_new_tokens)
+
+  def score(self, predictions, ds, *, bertscore_model=None, **options) -> dict | None:
+    if ds.impressions is None:
+      return None
+    scores = {"rouge_l": rouge_l(predictions, list(ds.impressions)).f1}
+    if bertscore_model:
+      scores["bertscore_f1"] = bert_score(predictions, list(ds.impressions), bertscore_model).f1
+    return scores
+
+  def write_predictions(self, predictions, ds, folder) -> list:
+    """``predictions.jsonl``: {"index", "findings", "impression"} per report, in order."""
+    path = Path(folder) / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"index": i, "findings": f, "impression": p}) + "\n"
+                            for i, (f, p) in enumerate(zip(ds.findings, predictions))))
+    return [path]

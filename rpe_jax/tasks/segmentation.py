@@ -36,6 +36,7 @@ from models.sam import DECODER_TARGETS, ENCODER_TARGETS, SamConfig, SamModel
 from models.sam_decoder import SamMaskDecoderConfig, SamPromptEncoderConfig
 from models.sam_encoder import SamVisionConfig
 from rpe_jax.tasks import sites
+from rpe_jax.tasks.contract import Task, Trained
 from rpe_jax.tasks.sites import SITES
 from rpe_jax.training import OptimConfig, fit
 
@@ -359,3 +360,74 @@ def pretrain_base(sites=("clean",), *, size: int = 32, steps: int = 400, prompt:
   model = SamModel(base_config(size), rngs=nnx.Rngs(seed))
   config = SegTrainConfig(steps=steps, lr=2e-3, prompt=prompt, seed=seed)
   return train(model, ds, config, trainable="all").model
+
+
+# --- the task contract ------------------------------------------------------------------------
+
+class SegmentationTask(Task):
+  """SAM segmentation behind ``rpe_jax.tasks.contract.Task``: data by
+  ``rpe_jax.tasks.seg_data`` URIs, mean-pooled image embeddings, binary masks, mean DICE.
+
+  Prompts: ``"box"`` (default) derives each image's box from its ground-truth mask, the
+  usual SAM evaluation protocol, so it needs masks; ``"none"`` uses no prompt at all."""
+
+  name = "segmentation"
+  metric = "dice"
+  pooling = "mean"
+  EPOCHS, LR, BATCH_SIZE = 20, 3e-3, 16
+
+  def load(self, uri, split="test", *, data_root=None, seed=0) -> SegDataset:
+    from rpe_jax.tasks import seg_data
+    return seg_data.load(uri, split, data_root=data_root, seed=seed)
+
+  def labeled(self, ds) -> bool:
+    return ds.masks is not None
+
+  def size(self, ds) -> int:
+    return len(ds.images)
+
+  def prototype(self, tm, ds, *, pooling=None, progress=False):
+    from rpe_jax.prototypes import prototype as mean_features
+    ds = check_dataset(ds)
+    return mean_features(tm.model, ds.images, pooling or self.pooling,
+                         normalization=normalization(tm.model), progress=progress)
+
+  def train(self, tm, uri, options, *, data_root=None, progress=False):
+    from rpe_jax.tasks import seg_data
+    from rpe_jax.compose import adapter_of
+    if options.checkpoint_dir or options.resume:
+      raise ValueError("--checkpoint-dir / --resume: only classification training keeps "
+                       "checkpoints")
+    splits = seg_data.load_splits(uri, data_root=data_root, seed=options.seed)
+    if splits.train.masks is None:
+      raise ValueError(f"--data {uri}: training needs masks (give a masks folder)")
+    n = len(splits.train.images)
+    batch_size = min(options.batch_size or self.BATCH_SIZE, n)
+    epochs = options.epochs or self.EPOCHS
+    config = SegTrainConfig(steps=epochs * -(-n // batch_size), batch_size=batch_size,
+                            lr=options.lr or self.LR, rank=options.rank, kind=options.kind,
+                            targets=options.targets or SegTrainConfig.targets,
+                            prompt=options.prompt, seed=options.seed)
+    before = evaluate_dice(tm.model, splits.val, prompt=options.prompt)
+    result = train(tm.model, splits.train, config)
+    return Trained(adapter_of(result.model), None, result.model, {
+        "metric": self.metric, "initial_val": before,
+        "best_val": evaluate_dice(result.model, splits.val, prompt=options.prompt),
+        "test": evaluate_dice(result.model, splits.test, prompt=options.prompt),
+        "steps": config.steps, "n_train": n, "prompt": options.prompt,
+        "final_loss": float(result.losses[-1])})
+
+  def predict(self, tm, ds, *, progress=False, prompt="box", **options) -> np.ndarray:
+    return predict(tm.model, ds, prompt=prompt)
+
+  def score(self, predictions, ds, **options) -> dict | None:
+    if ds.masks is None:
+      return None
+    return {"dice": float(dice_scores(predictions, ds.masks).mean())}
+
+  def write_predictions(self, predictions, ds, folder) -> list:
+    """``masks.npz``: ``masks`` bool [N, H, W], one per image in dataset order."""
+    from pathlib import Path
+    path = Path(folder) / "masks.npz"
+    np.savez_compressed(path, masks=np.asarray(predictions, bool))
+    return [path]
