@@ -82,17 +82,57 @@ def targets_from_prototypes(files) -> tuple[list[str], np.ndarray]:
   return names, np.concatenate(rows)
 
 
-def load_datasets(uris, split: str = "test", data_root: str | None = None) -> list:
-  """The image datasets named by ``uris`` (``rpe_jax.tasks.images``), the ``split`` of each."""
-  from rpe_jax.tasks import images
-  return [images.load(uri, split, data_root=data_root) for uri in uris]
+def load_datasets(uris, split: str = "test", data_root: str | None = None) -> tuple:
+  """(task, datasets): the ``split`` of each dataset ``uris`` name, read by the task their
+  scheme belongs to (``rpe_jax.tasks.contract``); URIs of different tasks are refused."""
+  from rpe_jax.tasks import registry as contract
+  names = {uri: contract.uri_task_name(uri) for uri in uris}
+  if len(set(names.values())) > 1:
+    raise ValueError("--data URIs of different tasks: "
+                     + ", ".join(f"{u} ({t})" for u, t in names.items()))
+  task = contract.task_named(next(iter(names.values())))
+  return task, [task.load(uri, split, data_root=data_root) for uri in uris]
 
 
-def dataset_prototypes(datasets, model, pooling, progress) -> tuple[np.ndarray, list[int]]:
-  """(z [B, d], sizes): the prototype of each dataset under ``model``'s encoder."""
-  from rpe_jax import prototypes
-  protos = [prototypes.prototype(model, ds, pooling, progress=progress) for ds in datasets]
+def dataset_prototypes(task, task_model, datasets, pooling, progress) -> tuple[np.ndarray, list[int]]:
+  """(z [B, d], sizes): the prototype of each dataset under the model's (frozen) encoder."""
+  protos = [task.prototype(task_model, ds, pooling=pooling, progress=progress)
+            for ds in datasets]
   return np.stack([p.z for p in protos]), [p.n for p in protos]
+
+
+def check_library_task(library, encoder, task_name: str) -> None:
+  """Refuse a library whose adapters (of ``encoder``) record another task than the
+  model's; entries that record none (older libraries) are taken as they are."""
+  from rpe_jax.tasks.contract import TASK_NAMES
+  for entry in library.entries(encoder=encoder):
+    recorded = entry.metadata.get("task") if isinstance(entry.metadata, dict) else None
+    if recorded in TASK_NAMES and recorded != task_name:
+      raise ValueError(f"library adapter {entry.name!r} is a {recorded} adapter, but the "
+                       f"model is a {task_name} model; composing them is meaningless")
+
+
+def predict_targets(task, task_model, datasets, adapters, *, evaluate: bool = False,
+                    progress: bool = False, clock=None, **options) -> tuple[list, list]:
+  """(predictions, metrics) of the base model carrying each composed adapter on its
+  target dataset; metrics are None unless ``evaluate``."""
+  from rpe_jax.compose import with_adapter
+  clock = clock or Clock()
+  predictions, metrics = [], []
+  for ds, adapter in zip(datasets, adapters):
+    with clock("predict"):
+      try:
+        adapted = with_adapter(task_model.model, adapter)
+      except ValueError as e:
+        lines = str(e).splitlines()
+        raise ValueError("the composed adapter does not fit the model (an adapter of "
+                         f"another base model?): {lines[min(1, len(lines) - 1)].strip()}"
+                         ) from None
+      predictions.append(task.predict(task_model._replace(model=adapted), ds,
+                                      progress=progress, **options))
+    with clock("score"):
+      metrics.append(task.score(predictions[-1], ds, **options) if evaluate else None)
+  return predictions, metrics
 
 
 def _one_base_model(library, found, encoder, base_model, exclude) -> list[str]:

@@ -20,33 +20,43 @@ import numpy as np
 
 from rpe_jax import pipeline
 from rpe_jax.cli import guarded, outputs
-from rpe_jax.cli.model_spec import load_model
+from rpe_jax.cli.model_spec import resolve_model
 from rpe_jax.weighting import STRATEGIES
 
 FORMATS = ("safetensors", "peft", "orbax")
 WRITTEN_BY = "rpe_jax.compose"   # the report's mark: a folder holding it is the tool's
+_PREDICTION_FILES = ("predictions.csv", "masks.npz", "predictions.jsonl")
 _OUTPUT_NAME = re.compile(
-    r"(report\.json|composed|target-\d+|lambda_path-\d+\.png|\.tmp-compose-.*)\Z")
+    r"(report\.json|composed|target-\d+|lambda_path-\d+\.png|\.tmp-compose-.*|"
+    r"predictions\.csv|masks\.npz|predictions\.jsonl)\Z")
 _ADAPTER_FOLDER = re.compile(r"(composed|target-\d+)\Z")
 _PLOT = re.compile(r"lambda_path-\d+\.png\Z")
+_OWNED = ("report.json, composed/, target-N/, lambda_path-N.png and the predictions "
+          "(predictions.csv, masks.npz, predictions.jsonl)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
   parser.description = ("Compose the library's adapters for new, unlabeled target datasets: "
                         "prototype → retrieve → weigh → compose. With no arguments, run the "
                         "demo on the built-in data.")
-  parser.add_argument("--library", help="adapter library directory (see `rpe library`)")
-  parser.add_argument("--model", help="base model: an HF checkpoint folder, or 'demo' for the "
-                      "demo's built-in ViT; needed with --data, --merge and --format peft")
+  parser.add_argument("--library", help="adapter library directory (see `rpe library`), or "
+                      "demo:TASK for a demo's cached library")
+  parser.add_argument("--model", help="base model: an HF checkpoint folder or Hub id, or "
+                      "demo:classification|segmentation|report for a demo's base ('demo' = "
+                      "demo:classification); needed with --data, --predict, --merge and "
+                      "--format peft. Its config picks the task")
   target = parser.add_mutually_exclusive_group()
   target.add_argument("--data", action="append", metavar="URI",
-                      help="target dataset URI (medmnist:, tfds:, folder:, sites:, tasks:); "
-                      "repeat for several targets; its prototype uses the model's encoder")
+                      help="target dataset URI — classification: medmnist:, tfds:, folder:, "
+                      "sites:digits/<site>, tasks:; segmentation: masks:<images>[:<masks>], "
+                      "sites:organs/<site>; report: jsonl:<file>, reports:<modality>. Repeat "
+                      "for several targets; its prototype uses the model's encoder")
   target.add_argument("--prototype", action="append", metavar="FILE.npy",
                       help="target prototype file: [d] or a batch [B, d]; repeatable")
   parser.add_argument("--data-root", help="folder holding dataset files (medmnist npz, tfds)")
-  parser.add_argument("--split", default="test", choices=("train", "val", "test"),
-                      help="which split of --data is the unlabeled target (default test)")
+  parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                      help="which split of --data is the unlabeled target (default test; "
+                      "all: the whole dataset)")
   parser.add_argument("--encoder", help="library encoder id (default: the only one)")
   parser.add_argument("--pooling", default=None, choices=("cls", "mean"),
                       help="feature pooling for --data (default: the encoder's)")
@@ -81,6 +91,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="adapter output format (default safetensors)")
   parser.add_argument("--merge", action="store_true",
                       help="also write the base model with the adapter merged (HF layout)")
+  parser.add_argument("--predict", action="store_true",
+                      help="run the composed model on each --data target and write its "
+                      "predictions under --out: predictions.csv (classes), masks.npz "
+                      "(segmentation) or predictions.jsonl (impressions)")
+  parser.add_argument("--eval", action="store_true",
+                      help="score the predictions against the target's labels (accuracy, mean "
+                      "DICE, ROUGE-L F1): printed and in report.json under \"metrics\"")
+  parser.add_argument("--prompt", default="box", choices=("box", "none"),
+                      help="segmentation prompt: box (from the target's masks, the usual SAM "
+                      "evaluation; needs masks) or none (default box)")
+  parser.add_argument("--max-new-tokens", type=int, default=32,
+                      help="report generation: impression length cap (default 32)")
+  parser.add_argument("--bertscore-model", metavar="DIR",
+                      help="report --eval: also BERTScore F1 with this local HF encoder folder")
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
   from rpe_jax.parallel import distributed   # --mesh and the multi-host flags (docs/multihost.md)
   distributed.add_mesh_args(parser)
@@ -100,6 +124,12 @@ def _check_args(args) -> None:
     raise ValueError(f"--rank must be >= 1, got {args.rank}")
   if args.energy is not None and not 0 < args.energy <= 1:
     raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
+  if (args.predict or args.eval) and not args.data:
+    raise ValueError("--predict and --eval need the target as --data URI")
+  if args.predict and not args.out:
+    raise ValueError("--predict writes the predictions under --out: give --out")
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   needs_model = args.data or args.merge or (args.out and args.format == "peft")
   if needs_model and not args.model:
     raise ValueError("--model is required with --data, --merge or --format peft")
@@ -107,7 +137,7 @@ def _check_args(args) -> None:
     raise ValueError("--merge and --format need --out")
   if args.out:
     outputs.check_folder(args.out, option="--out", overwrite=args.overwrite, owned=_ours,
-                         names="report.json, composed/, target-N/ and lambda_path-N.png")
+                         names=_OWNED)
 
 
 def _ours(folder: Path) -> bool:
@@ -124,13 +154,13 @@ def _ours(folder: Path) -> bool:
 
 
 def _write_outputs(args, out: Path, target_names, composed, model, report,
-                   path=None) -> None:
+                   path=None, predicted=None) -> None:
   """Write everything under a temporary folder first, then move it into ``out`` (the
   report last); in a folder of an earlier run, its other adapter folders go too."""
   from rpe_jax.library import adapter_file
   # Checked again: time has passed since _check_args.
   outputs.check_folder(out, option="--out", overwrite=args.overwrite, owned=_ours,
-                       names="report.json, composed/, target-N/ and lambda_path-N.png")
+                       names=_OWNED)
   owned = out.is_dir() and _ours(out)
   with outputs.staged(out, prefix=".tmp-compose-") as staging:
     folders = []
@@ -153,6 +183,13 @@ def _write_outputs(args, out: Path, target_names, composed, model, report,
         from rpe_jax.compose import merge_into
         hf.save(merge_into(model, adapter), folder / "merged")
       folders.append(folder)
+    if predicted is not None:   # (task, predictions, datasets): beside the adapter folders
+      task, predictions, datasets = predicted
+      for i, (p, ds) in enumerate(zip(predictions, datasets)):
+        where = staging if len(predictions) == 1 else staging / f"target-{i}"
+        written = task.write_predictions(p, ds, where)
+        if len(predictions) == 1:
+          folders += written
     if path is not None:   # the λ path of each target, drawn (``--path``)
       from rpe_jax.weight_path_plot import plot_lambda_path
       for b, t in enumerate(report["targets"]):
@@ -164,8 +201,17 @@ def _write_outputs(args, out: Path, target_names, composed, model, report,
     new = {f.name for f in folders}
     stale = sorted(p.name for p in out.iterdir()
                    if owned and p.name not in new and (
-                       _ADAPTER_FOLDER.match(p.name) or _PLOT.match(p.name)))
+                       _ADAPTER_FOLDER.match(p.name) or _PLOT.match(p.name)
+                       or p.name in _PREDICTION_FILES))
     outputs.install(staging, out, folders + [staging / "report.json"], stale=stale)
+
+
+def _library_path(spec: str) -> str:
+  """``demo:TASK`` → the demo's cached library (built on first use); else ``spec``."""
+  if spec == "demo" or spec.startswith("demo:"):
+    from rpe_jax import demo
+    return str(demo.library_path(spec.partition(":")[2] or "classification"))
+  return spec
 
 
 def format_table(name, names, sqdist, weights) -> str:
@@ -191,21 +237,33 @@ def run(args) -> int:
     raise ValueError("--format orbax is not supported in a multi-process run; use "
                      "safetensors or peft (written by process 0)")
   clock = pipeline.Clock()
-  library = pipeline.open_library(args.library)
+  library = pipeline.open_library(_library_path(args.library))
   encoder = args.encoder
   # Read the datasets before the (slower) model so that a bad URI fails fast.
-  datasets = (pipeline.load_datasets(args.data, args.split, args.data_root) if args.data
-              else None)
-  model = None
+  task, datasets = (pipeline.load_datasets(args.data, args.split, args.data_root)
+                    if args.data else (None, None))
+  if args.eval:
+    unlabeled = [u for u, ds in zip(args.data, datasets) if not task.labeled(ds)]
+    if unlabeled:
+      raise ValueError(f"--eval: {unlabeled[0]} carries no labels to score against")
+  tm = None
   with clock("model"):
     if args.model and (args.data or args.merge or args.format == "peft"):
-      model = load_model(args.model)
+      tm = resolve_model(args.model)
+  model = None if tm is None else tm.model
+  if datasets is not None:
+    from rpe_jax.tasks import registry as contract
+    for uri in args.data:
+      contract.check_data_fits(uri, model)
   known = library.encoders()
   if encoder is None and len(known) != 1:
     raise ValueError(f"the library has encoders {sorted(known)}; name one with --encoder")
   encoder = encoder if encoder is not None else next(iter(known))
   if encoder not in known:
     raise ValueError(f"--encoder {encoder!r} is not in the library; it has {sorted(known)}")
+  if model is not None:
+    from rpe_jax.tasks.contract import model_task_name
+    pipeline.check_library_task(library, encoder, model_task_name(model))
   sizes = None
   with clock("prototype"):
     if args.prototype:
@@ -213,7 +271,8 @@ def run(args) -> int:
     else:
       pooling = args.pooling or known[encoder]["pooling"]
       target_names = list(args.data)
-      z, sizes = pipeline.dataset_prototypes(datasets, model, pooling, progress=not args.json)
+      z, sizes = pipeline.dataset_prototypes(task, tm, datasets, pooling,
+                                             progress=not args.json)
   if z.shape[1] != known[encoder]["dim"]:
     raise ValueError(f"target prototype dimension {z.shape[1]} does not match encoder "
                      f"{encoder!r} of the library ({known[encoder]['dim']}-dimensional): "
@@ -238,6 +297,16 @@ def run(args) -> int:
         "lam2": None if w.lam2 is None else float(np.asarray(w.lam2)[b]),
         "lam_star": None if w.lam_star is None else float(np.asarray(w.lam_star)[b]),
     })
+  predicted, metrics = None, [None] * len(targets)
+  if args.predict or args.eval:
+    options = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+               "bertscore_model": args.bertscore_model}
+    predictions, metrics = pipeline.predict_targets(task, tm, datasets, composed,
+                                                    evaluate=args.eval, progress=not args.json,
+                                                    clock=clock, **options)
+    predicted = (task, predictions, datasets) if args.predict else None
+    for t, m in zip(targets, metrics):
+      t["metrics"] = m
   path = None
   if args.path:
     from rpe_jax import weighting
@@ -257,12 +326,16 @@ def run(args) -> int:
       "lam2_rel": args.lam2_rel,
       "exclude": args.exclude, "rank": args.rank, "energy": args.energy,
       "base_model": args.base_model, "written_by": WRITTEN_BY,
+      "task": None if task is None else task.name, "split": args.split if args.data else None,
       "targets": targets, "timings_s": {},
   }
+  if args.eval:
+    report["metrics"] = {t["target"]: t["metrics"] for t in targets}
   write = args.out and distributed.is_primary()
   if write:
     with clock("write"):
-      _write_outputs(args, Path(args.out), target_names, composed, model, report, path)
+      _write_outputs(args, Path(args.out), target_names, composed, model, report, path,
+                     predicted)
   report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
   if write:   # rewrite with the final timings, atomically
     outputs.atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
@@ -272,7 +345,12 @@ def run(args) -> int:
     for t in targets:
       print(format_table(t["target"], t["retrieved"], t["sqdist"], t["weights"]))
       print(f"reconstruction error {t['reconstruction_error']:.4g}, solver "
-            f"{t['solver_status']}\n")
+            f"{t['solver_status']}")
+      if t.get("metrics"):
+        print("| metric | value |\n|---|---|")
+        for name, value in t["metrics"].items():
+          print(f"| {name} | {value:.4f} |")
+      print()
     if args.out:
       print(f"wrote {args.out}")
   return 0

@@ -2,21 +2,27 @@
 
 * an HF checkpoint folder (``config.json`` + safetensors) → ``models.hf.load``, with the
   image preprocessing of its ``preprocessor_config.json`` when there is one;
-* ``demo`` → the demo's foundation ViT (pre-trained once, then loaded from the cache);
-* ``tiny-foundation`` → the same small ViT recipe, pre-trained here and now with ``seed``.
+* ``demo`` or ``demo:TASK`` → a demo's base model (``demo:classification`` = ``demo``, the
+  foundation ViT; ``demo:segmentation``, the small SAM; ``demo:report``, the small Llama
+  and its tokenizer), built once and then loaded from the cache;
+* ``tiny-foundation`` → the classification demo's ViT recipe, pre-trained here and now
+  with ``seed``.
+
+A Llama folder's tokenizer (``tokenizer.json``) comes with it; a SAM gets its
+preprocessing from ``rpe_jax.tasks.segmentation``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
 
-BUILTIN_MODELS = ("demo", "tiny-foundation")
+from rpe_jax.tasks.contract import TASK_NAMES, TaskModel
+from rpe_jax.tasks.registry import task_model
 
+BUILTIN_MODELS = ("demo",) + tuple(f"demo:{t}" for t in TASK_NAMES) + ("tiny-foundation",)
 
-class ResolvedModel(NamedTuple):
-  model: Any            # the Flax NNX model
-  normalization: Any    # its image preprocessing (``models.preprocessing.Normalization``)
+# The model with what it needs beside its weights (image normalization or tokenizer).
+ResolvedModel = TaskModel
 
 
 def resolve_model(spec: str, *, seed: int = 0, progress: bool = False,
@@ -24,10 +30,13 @@ def resolve_model(spec: str, *, seed: int = 0, progress: bool = False,
   """The model named by ``spec`` and its preprocessing; ``ValueError`` naming ``option``
   when ``spec`` is neither a checkpoint folder nor a built-in name."""
   from models.preprocessing import Normalization
-  if spec == "demo":
+  if spec == "demo" or spec.startswith("demo:"):
     from rpe_jax import demo
-    model = demo.foundation()
-    return ResolvedModel(model, Normalization.for_model(model))
+    task = spec.partition(":")[2] or "classification"
+    if task not in TASK_NAMES:
+      raise ValueError(f"{option} {spec}: unknown demo; demos: "
+                       + ", ".join(f"demo:{t}" for t in TASK_NAMES))
+    return demo.base_model(task)
   if spec == "tiny-foundation":
     from rpe_jax.tasks.classification import pretrain_foundation
     model, _ = pretrain_foundation(seed=seed, progress=progress)
@@ -48,11 +57,7 @@ def resolve_model(spec: str, *, seed: int = 0, progress: bool = False,
     model = hf.load(folder)
   except SafetensorError as e:
     raise ValueError(f"{option} {spec}: a weights file is not readable safetensors: {e}") from None
-  if (folder / "preprocessor_config.json").is_file():
-    return ResolvedModel(model, Normalization.from_hf(str(folder), model.config.num_channels))
-  config = model.config
-  return ResolvedModel(model, Normalization.for_model(model)
-                       if hasattr(config, "image_size") else None)
+  return task_model(model, folder)
 
 
 def load_model(spec: str, **kw):

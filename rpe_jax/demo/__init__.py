@@ -67,9 +67,25 @@ def _recipe_key() -> str:
 def cache_dir() -> Path:
   """``$RPE_JAX_CACHE``, else ``$XDG_CACHE_HOME/rpe_jax``, else ``~/.cache/rpe_jax``; one
   sub-folder per recipe."""
-  root = os.environ.get("RPE_JAX_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rpe_jax")
-  return Path(root) / f"{CACHE_VERSION}-{_recipe_key()}"
+  return cache_root() / f"{CACHE_VERSION}-{_recipe_key()}"
+
+
+def cache_root() -> Path:
+  """Where every demo caches its models: ``$RPE_JAX_CACHE``, else
+  ``$XDG_CACHE_HOME/rpe_jax``, else ``~/.cache/rpe_jax``."""
+  return Path(os.environ.get("RPE_JAX_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rpe_jax"))
+
+
+def tiny() -> bool:
+  """Test-only: ``RPE_JAX_DEMO_SIZE=tiny`` shrinks every demo (same code path)."""
+  return os.environ.get(SIZE_ENV, "") == "tiny"
+
+
+def recipe_folder(task: str, recipe) -> Path:
+  """A demo's cache folder: one per task and hash of its recipe, so a change rebuilds."""
+  key = hashlib.sha256(repr(recipe).encode()).hexdigest()[:10]
+  return cache_root() / f"{CACHE_VERSION}-{task}-{key}"
 
 
 def _site_uri(site: str) -> str:
@@ -134,7 +150,7 @@ def library(model):
         proto = prototypes.prototype(model, splits.train, "cls")
         lib.add(site, result.adapter, proto.z, base_model=BASE_MODEL, encoder=ENCODER,
                 n_samples=proto.n, pooling="cls",
-                metadata={"data": _site_uri(site), "task": "digits",
+                metadata={"data": _site_uri(site), "task": "classification",
                           "val_accuracy": result.best_val_accuracy,
                           "initial_val_accuracy": result.initial_val_accuracy})
       lib.close()
@@ -143,68 +159,121 @@ def library(model):
   return Library.open(folder, readonly=True)
 
 
-def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = 10.0):
-  """Hold ``held_out`` out, compose the others with every strategy, evaluate on its test set."""
-  from rpe_jax import prototypes
-  from rpe_jax.tasks import images as data
+def held_out_rows(task, tm, lib, target, held_out: str, *, k: int, lam1: float,
+                  lam2: float, predict_options: dict | None = None) -> list[dict]:
+  """The demo's table for any task: the held-out ``target`` scored for the pretrained
+  model, every strategy's composition of the other members' adapters (weights from the
+  target's prototype alone: no label of it is used) and the member's own adapter (SFT)."""
   from rpe_jax.compose import combine, with_adapter
   from rpe_jax.pipeline import compose_targets
-  from rpe_jax.tasks.classification import evaluate
+  options = predict_options or {}
+  k = min(k, len(lib.names()) - 1)
 
-  t0 = time.perf_counter()
-  model = foundation()
-  lib = library(model)
-  if held_out not in lib.names():
-    raise ValueError(f"unknown held-out site {held_out!r}; sites: {', '.join(lib.names())}")
-  build_s = time.perf_counter() - t0
-  splits = data.load_splits(_site_uri(held_out), seed=SEED)
-  target = splits.test
-  # The target prototype uses the unlabeled held-out images only.
-  z = prototypes.prototype(model, target, "cls").z
-  rows = [{"method": "pretrained", "accuracy": evaluate(model, target), "weights": {}}]
+  def score(model):
+    predictions = task.predict(tm._replace(model=model), target, **options)
+    return task.score(predictions, target, **options)[task.metric]
+
+  z = task.prototype(tm, target).z
+  rows = [{"method": "pretrained", task.metric: score(tm.model), "weights": {}}]
   for strategy in STRATEGIES:
     found, w, composed, kept = compose_targets(
         lib, z[None], k=k, strategy=strategy, lam1=lam1, lam2=lam2, exclude=[held_out])
-    accuracy = evaluate(with_adapter(model, composed[0]), target)
-    weights = {str(n): float(x) for n, x in zip(found.names[0], np.asarray(w.weights[0]))}
-    rows.append({"method": strategy, "accuracy": accuracy, "weights": weights,
+    rows.append({"method": strategy, task.metric: score(with_adapter(tm.model, composed[0])),
+                 "weights": {str(n): float(x) for n, x in
+                             zip(found.names[0], np.asarray(w.weights[0]))},
                  "sqdist": {str(n): float(x) for n, x in
                             zip(found.names[0], np.asarray(w.sqdist[0]))}})
   own = combine([lib.load(held_out)], np.ones(1, np.float32))
-  rows.append({"method": "SFT (held-out site's own adapter)",
-               "accuracy": evaluate(with_adapter(model, own), target), "weights": {}})
-  return {"held_out": held_out, "k": k, "lam1": lam1, "lam2": lam2,
-          "library": str(cache_dir() / "library"), "n_target": len(target),
-          "build_or_load_s": round(build_s, 2),
+  rows.append({"method": "SFT (held-out member's own adapter)",
+               task.metric: score(with_adapter(tm.model, own)), "weights": {}})
+  return rows
+
+
+def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = 10.0):
+  """Hold ``held_out`` out, compose the others with every strategy, evaluate on its test set."""
+  from rpe_jax.tasks.classification import ClassificationTask
+  t0 = time.perf_counter()
+  tm = base_model("classification")
+  lib = library(tm.model)
+  if held_out not in lib.names():
+    raise ValueError(f"unknown held-out site {held_out!r}; sites: {', '.join(lib.names())}")
+  build_s = time.perf_counter() - t0
+  task = ClassificationTask()
+  target = task.load(_site_uri(held_out), "test", seed=SEED)
+  rows = held_out_rows(task, tm, lib, target, held_out, k=k, lam1=lam1, lam2=lam2)
+  return {"task": task.name, "metric": task.metric, "held_out": held_out, "k": k,
+          "lam1": lam1, "lam2": lam2, "library": str(cache_dir() / "library"),
+          "n_target": len(target), "build_or_load_s": round(build_s, 2),
           "total_s": round(time.perf_counter() - t0, 2), "results": rows}
 
 
 def format_report(report) -> str:
-  sites = sorted({n for r in report["results"] for n in r["weights"]})
-  head = "| method | accuracy | " + " | ".join(sites) + " |"
-  lines = [f"Held-out site {report['held_out']!r} ({report['n_target']} test images, no labels "
-           f"used); k = {report['k']}, λ1 = {report['lam1']}, λ2 = {report['lam2']}.",
-           "Columns after accuracy: the weight each strategy gave each site's adapter.", "",
-           head, "|" + "---|" * (2 + len(sites))]
+  metric = report.get("metric", "accuracy")
+  members = sorted({n for r in report["results"] for n in r["weights"]})
+  head = f"| method | {metric} | " + " | ".join(members) + " |"
+  what = {"classification": "test images", "segmentation": "test images",
+          "report": "test reports"}.get(report.get("task"), "examples")
+  lines = [f"Held-out {report.get('member', 'site')} {report['held_out']!r} "
+           f"({report['n_target']} {what}, no labels used to weigh); k = {report['k']}, "
+           f"λ1 = {report['lam1']}, λ2 = {report['lam2']}.",
+           f"Columns after {metric}: the weight each strategy gave each member's adapter.",
+           "", head, "|" + "---|" * (2 + len(members))]
   for r in report["results"]:
-    cells = [f"{r['weights'][s]:+.3f}" if s in r["weights"] else "" for s in sites]
-    lines.append(f"| {r['method']} | {r['accuracy']:.3f} | " + " | ".join(cells) + " |")
+    cells = [f"{r['weights'][s]:+.3f}" if s in r["weights"] else "" for s in members]
+    lines.append(f"| {r['method']} | {r[metric]:.3f} | " + " | ".join(cells) + " |")
   lines.append("")
   lines.append(f"library: {report['library']} (built or loaded in "
                f"{report['build_or_load_s']} s; total {report['total_s']} s)")
   return "\n".join(lines)
 
 
+def base_model(task: str = "classification"):
+  """A demo's base model with its preprocessing (``rpe_jax.tasks.contract.TaskModel``),
+  built on first use and cached."""
+  from rpe_jax.tasks.registry import task_model
+  if task == "classification":
+    return task_model(foundation())
+  return _demo_module(task).base()
+
+
+def library_path(task: str = "classification") -> Path:
+  """The folder of a demo's cached library (built on first use)."""
+  if task == "classification":
+    library(foundation()).close()
+    return cache_dir() / "library"
+  module = _demo_module(task)
+  module.library(module.base()).close()
+  return module.cache_folder() / "library"
+
+
+def _demo_module(task: str):
+  from rpe_jax.tasks.contract import TASK_NAMES
+  if task not in TASK_NAMES:
+    raise ValueError(f"unknown demo {task!r}; demos: {', '.join(TASK_NAMES)}")
+  import importlib
+  return importlib.import_module(f"rpe_jax.demo.{task}")
+
+
+DEMOS = ("classification", "segmentation", "report")
+
+
 def main(argv: list[str] | None = None) -> int:
+  argv = [] if argv is None else list(argv)
+  task = argv.pop(0) if argv and not argv[0].startswith("-") else "classification"
+  if task not in DEMOS:
+    raise ValueError(f"--demo {task}: unknown demo; demos: {', '.join(DEMOS)}")
+  if task != "classification":
+    return _demo_module(task).main(argv)
   parser = argparse.ArgumentParser(
-      prog="python -m rpe_jax.compose --demo",
-      description="The demo on the embedded default (built-in digit sites).")
+      prog="python -m rpe_jax.compose --demo [classification]",
+      description="The demo on the embedded default (built-in digit sites). Other demos: "
+                  "--demo segmentation, --demo report.")
   parser.add_argument("--held-out", default=HELD_OUT, help=f"site to hold out ({HELD_OUT})")
   parser.add_argument("--k", type=int, default=4)
   parser.add_argument("--lam1", type=float, default=1.0)
   parser.add_argument("--lam2", type=float, default=10.0)
   parser.add_argument("--json", action="store_true")
-  args = parser.parse_args([] if argv is None else argv)
+  args = parser.parse_args(argv)
   print(f"rpe_jax demo — cache: {cache_dir()}", file=sys.stderr)
   report = run_demo(args.held_out, args.k, args.lam1, args.lam2)
   print(json.dumps(report, indent=2) if args.json else format_report(report))
