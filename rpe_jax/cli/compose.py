@@ -36,7 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "prototype → retrieve → weigh → compose. With no arguments, run the "
                         "demo on the built-in data.")
   parser.add_argument("--library", help="adapter library directory (see `rpe library`)")
-  parser.add_argument("--model", help="base model: an HF checkpoint folder, or 'demo' for the "
+  parser.add_argument("--model", help="base model: an HF checkpoint folder or Hub id "
+                      "(org/name[@revision]), or 'demo' for the "
                       "demo's built-in ViT; needed with --data, --merge and --format peft")
   target = parser.add_mutually_exclusive_group()
   target.add_argument("--data", action="append", metavar="URI",

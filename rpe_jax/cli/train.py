@@ -17,7 +17,8 @@ def configure(parser) -> None:
                       "sites:digits/<site>, tasks:digits/<task>)")
   parser.add_argument("--data-root", default=None, help="folder holding the dataset files")
   parser.add_argument("--model", default="tiny-foundation",
-                      help="an HF checkpoint folder, 'demo' (the demo's cached foundation) or "
+                      help="an HF checkpoint folder or Hub id (org/name[@revision]), 'demo' "
+                           "(the demo's cached foundation) or "
                            "'tiny-foundation' (pre-trained here on the built-in sites "
                            f"{', '.join(FOUNDATION_SITES)})")
   parser.add_argument("--rank", type=int, default=8)
