@@ -133,7 +133,8 @@ def resolve(spec: str | os.PathLike, *, option: str = "model") -> Path:
     raise ValueError(f"{where}, and offline ({offline})")
   try:
     return Path(huggingface_hub.snapshot_download(repo_id, **kw))
-  except Exception as e:   # noqa: BLE001 - the Hub fails in many ways (HTTP, proxy, disk); each is named
+  # A download fails in many ways (HTTP, proxy, auth, disk): each becomes one line naming it.
+  except Exception as e:   # noqa: BLE001
     raise ValueError(f"{where}, and {_download_failure(e, revision)}") from None
 
 
