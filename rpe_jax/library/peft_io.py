@@ -116,7 +116,9 @@ def read_peft(folder, model: nnx.Module, *, dtype=jnp.float32) -> dict:
   """A PEFT LoRA folder → our exchange-form adapter tree for ``model`` (scaling folded in b).
 
   ``folder`` may also be a Hugging Face Hub id (``"org/name[@revision]"``), from the local HF
-  cache or downloaded where allowed (``models.hub.resolve``). Raises, naming the offending entry, on LoRA variants (DoRA, lora_bias, ...), unknown or
+  cache or downloaded where allowed (``models.hub.resolve``).
+
+  Raises, naming the offending entry, on LoRA variants (DoRA, lora_bias, ...), unknown or
   unmatched tensor keys, modules ``model`` has no adapted linear layer for, and shapes or
   ranks that disagree with the layer or the config.
   """
