@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint folders ⇄ Flax NNX models.
+"""Hugging Face checkpoint folders (and Hub ids) ⇄ Flax NNX models.
 
 ``load(folder)`` reads ``config.json``, builds the architecture it names abstractly
 (``nnx.eval_shape``: no memory for random weights), then fills it tensor by tensor from
@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from models import hub
 
 ARCHITECTURES = {
     "ViTModel": ("models.vit", "ViTConfig", "ViTModel"),
@@ -292,6 +294,8 @@ def load(folder, *, dtype=jnp.float32, architecture: str | None = None,
          shardings=None) -> nnx.Module:
   """Load an HF checkpoint folder into the Flax NNX model its ``config.json`` names.
 
+  ``folder`` may also be a Hugging Face Hub id (``"org/name"``, ``"org/name@revision"``),
+  found in the local HF cache or, network allowed, downloaded (``models.hub.resolve``).
   ``architecture`` overrides ``config.json``'s ``architectures[0]``. Parameters are cast to
   ``dtype``. Raises on unsupported config attributes, unknown or duplicated checkpoint keys,
   missing parameters and shape mismatches, naming them.
@@ -307,7 +311,7 @@ def load(folder, *, dtype=jnp.float32, architecture: str | None = None,
     Each device then receives only its slice, read from the file on its own.
   Host memory: the loaded model (on CPU devices) plus about one tensor in flight.
   """
-  folder = Path(folder)
+  folder = hub.resolve(folder)
   config_path = folder / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} does not exist")

@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No test reaches the network: a --model spec naming no folder is a Hub id, looked up in the
+# HF cache only (models/hub.py).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 

@@ -3,9 +3,9 @@
     rpe library init LIB
     rpe library add LIB NAME ADAPTER.safetensors PROTOTYPE.npy --base-model M --encoder E
                     --n-samples N [--pooling mean] [--metadata JSON|@file.json] [--replace]
-    rpe library import-peft LIB NAME PEFT_FOLDER PROTOTYPE.npy --model HF_FOLDER|demo
+    rpe library import-peft LIB NAME PEFT_FOLDER|HUB_ID PROTOTYPE.npy --model HF_FOLDER|HUB_ID|demo
                     --encoder E --n-samples N [--base-model M (default: the PEFT config's)]
-    rpe library export-peft LIB NAME OUT_FOLDER --model HF_FOLDER|demo
+    rpe library export-peft LIB NAME OUT_FOLDER --model HF_FOLDER|HUB_ID|demo
     rpe library list LIB [--encoder E] [--base-model M]
     rpe library show LIB NAME
     rpe library query LIB PROTOTYPES.npy [-k 8] [--encoder E] [--exclude NAME ...]
@@ -95,11 +95,14 @@ def _add(args) -> int:
 
 
 def _import_peft(args) -> int:
+  from models import hub
   from rpe_jax.library import peft_io
-  adapter = peft_io.read_peft(args.folder, load_model(args.model))
+  # A Hub id is resolved before the (slower) model loads, so a missing one fails fast.
+  folder = hub.resolve(args.folder, option="PEFT folder")
+  adapter = peft_io.read_peft(folder, load_model(args.model))
   base_model = args.base_model
   if base_model is None:
-    config = untrusted.read_json(Path(args.folder) / peft_io.CONFIG_NAME)
+    config = untrusted.read_json(folder / peft_io.CONFIG_NAME)
     base_model = config.get("base_model_name_or_path")
     if not base_model:
       raise LibraryError("--base-model is required: the PEFT folder's adapter_config.json "
@@ -228,10 +231,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
   _add_options(p)
   p = command("import-peft", _import_peft, "add a PEFT adapter folder", write=True)
   p.add_argument("name", help="unique adapter name")
-  p.add_argument("folder", help="PEFT folder (adapter_config.json + adapter_model.safetensors)")
+  p.add_argument("folder", help="PEFT folder (adapter_config.json + adapter_model.safetensors) "
+                 "or its Hugging Face Hub id (org/name[@revision])")
   _add_options(p, base_required=False)
   p.add_argument("--model", required=True,
-                 help="the base model: a Hugging Face checkpoint folder, or 'demo'")
+                 help="the base model: a Hugging Face checkpoint folder or Hub id "
+                 "(org/name[@revision]), or 'demo'")
   p = command("export-peft", _export_peft, "write an adapter as a PEFT folder")
   p.add_argument("name", help="adapter name")
   p.add_argument("folder", help="output folder")
@@ -239,7 +244,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                  help="write into an existing non-empty folder the tool did not write "
                  "(only adapter_config.json and adapter_model.safetensors are replaced)")
   p.add_argument("--model", required=True,
-                 help="the base model: a Hugging Face checkpoint folder, or 'demo'")
+                 help="the base model: a Hugging Face checkpoint folder or Hub id "
+                 "(org/name[@revision]), or 'demo'")
   p = command("list", _list, "list the adapters")
   p.add_argument("--encoder", help="only this encoder's adapters")
   p.add_argument("--base-model", help="only this base model's adapters")

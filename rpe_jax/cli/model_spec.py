@@ -1,4 +1,4 @@
-"""The one resolver of a `--model` spec: an HF checkpoint folder or a built-in name.
+"""The one resolver of a `--model` spec: an HF checkpoint folder, a Hub id or a built-in name.
 
 * an HF checkpoint folder (``config.json`` + safetensors) → ``models.hf.load``, with the
   image preprocessing of its ``preprocessor_config.json`` when there is one;
@@ -6,7 +6,10 @@
   foundation ViT; ``demo:segmentation``, the small SAM; ``demo:report``, the small Llama
   and its tokenizer), built once and then loaded from the cache;
 * ``tiny-foundation`` → the classification demo's ViT recipe, pre-trained here and now
-  with ``seed``.
+  with ``seed``;
+* any other spec is a Hugging Face Hub id (``org/name[@revision]``) → its snapshot folder,
+  from the local HF cache or downloaded where the network is allowed (``models.hub``), then
+  loaded as a folder.
 
 A Llama folder's tokenizer (``tokenizer.json``) comes with it; a SAM gets its
 preprocessing from ``rpe_jax.tasks.segmentation``.
@@ -28,7 +31,8 @@ ResolvedModel = TaskModel
 def resolve_model(spec: str, *, seed: int = 0, progress: bool = False,
                   option: str = "--model") -> ResolvedModel:
   """The model named by ``spec`` and its preprocessing; ``ValueError`` naming ``option``
-  when ``spec`` is neither a checkpoint folder nor a built-in name."""
+  when ``spec`` is neither a checkpoint folder, nor a Hub id that resolves to one, nor a
+  built-in name."""
   from models.preprocessing import Normalization
   if spec == "demo" or spec.startswith("demo:"):
     from rpe_jax import demo
@@ -41,10 +45,16 @@ def resolve_model(spec: str, *, seed: int = 0, progress: bool = False,
     from rpe_jax.tasks.classification import pretrain_foundation
     model, _ = pretrain_foundation(seed=seed, progress=progress)
     return ResolvedModel(model, Normalization.for_model(model))
-  folder = Path(spec)
+  from models import hub
+  builtin = f"not a built-in name ({', '.join(BUILTIN_MODELS)})"
+  try:
+    folder = hub.resolve(spec, option=option)   # a local folder, or a Hub id's snapshot
+  except ValueError as e:
+    raise ValueError(f"{e}; {builtin}") from None
   if not (folder / "config.json").is_file():
-    raise ValueError(f"{option} {spec}: not an HF checkpoint folder (no config.json) and not "
-                     f"a built-in name ({', '.join(BUILTIN_MODELS)})")
+    where = "" if folder == Path(spec) else f" in {folder}"
+    raise ValueError(f"{option} {spec}: not an HF checkpoint folder (no config.json{where}) "
+                     f"and {builtin}")
   from safetensors import SafetensorError
   from models import hf
   from rpe_jax.library import untrusted

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from models import hf
+from models import hf, hub
 from models.lora import LoRA, SVDLoRA, adapted_layers, from_flat, to_flat
 from rpe_jax.library import untrusted
 
@@ -115,11 +115,14 @@ def _our_module(kmap: hf.KeyMap, module: str, layers: dict) -> str | None:
 def read_peft(folder, model: nnx.Module, *, dtype=jnp.float32) -> dict:
   """A PEFT LoRA folder → our exchange-form adapter tree for ``model`` (scaling folded in b).
 
+  ``folder`` may also be a Hugging Face Hub id (``"org/name[@revision]"``), from the local HF
+  cache or downloaded where allowed (``models.hub.resolve``).
+
   Raises, naming the offending entry, on LoRA variants (DoRA, lora_bias, ...), unknown or
   unmatched tensor keys, modules ``model`` has no adapted linear layer for, and shapes or
   ranks that disagree with the layer or the config.
   """
-  folder = Path(folder)
+  folder = hub.resolve(folder, option="PEFT folder")
   config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} does not exist")
