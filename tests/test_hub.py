@@ -227,7 +227,7 @@ def test_model_spec_resolves_a_hub_id_with_its_preprocessor_config(cache, folder
   assert resolved.normalization.mean == pytest.approx((0.2, 0.3, 0.4))
   assert resolved.normalization == Normalization.from_hf(str(folders / "vit_main"), 3)
   with pytest.raises(ValueError, match=r"^--model org/nope: .*HF_HUB_OFFLINE=1\); not a "
-                     r"built-in name \(demo, tiny-foundation\)$"):
+                     r"built-in name \(demo, demo:classification, .*tiny-foundation\)$"):
     resolve_model("org/nope")
   with pytest.raises(ValueError, match=r"no config.json in .*snapshots"):   # a PEFT repo
     resolve_model("org/tiny-vit-lora")
@@ -284,7 +284,7 @@ def test_import_peft_and_compose_by_hub_id(cache, folders, tmp_path, capsys):
     (["library", "import-peft", "{lib}", "x", "org/tiny-vit-lora", "{p}", "--model",
       "org/missing-vit", "--encoder", "enc", "--n-samples", "1"],
      "--model org/missing-vit: not a local folder, not in the HF cache {cache}, and offline "
-     "(HF_HUB_OFFLINE=1); not a built-in name (demo, tiny-foundation)"),
+     "(HF_HUB_OFFLINE=1); not a built-in name (demo, demo:classification, demo:segmentation, demo:report, tiny-foundation)"),
     (["library", "export-peft", "{lib}", "a", "{tmp}/exported", "--model", "org/missing-vit"],
      "--model org/missing-vit: not a local folder"),
     (["compose", "--library", "{lib}", "--prototype", "{p}", "--k", "1", "--model",

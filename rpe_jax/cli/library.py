@@ -79,10 +79,18 @@ def _init(args) -> int:
   return 0
 
 
-def _add_entry(args, lib: Library, adapter, base_model: str) -> Entry:
+def _add_entry(args, lib: Library, adapter, base_model: str, task: str | None = None) -> Entry:
+  """Add with the entry's task recorded in its metadata (``--task``, or the model's)."""
   prototype = _load_npy(args.prototype, "prototype")
+  metadata = _metadata(args.metadata) or {}
+  task = args.task or task
+  if task is not None:
+    if metadata.get("task", task) != task:
+      raise LibraryError(f"--metadata says task {metadata['task']!r} but the adapter is a "
+                         f"{task} adapter")
+    metadata["task"] = task
   return lib.add(args.name, adapter, prototype, base_model=base_model, encoder=args.encoder,
-                 n_samples=args.n_samples, metadata=_metadata(args.metadata),
+                 n_samples=args.n_samples, metadata=metadata or None,
                  replace=args.replace, pooling=args.pooling)
 
 
@@ -99,7 +107,12 @@ def _import_peft(args) -> int:
   from rpe_jax.library import peft_io
   # A Hub id is resolved before the (slower) model loads, so a missing one fails fast.
   folder = hub.resolve(args.folder, option="PEFT folder")
-  adapter = peft_io.read_peft(folder, load_model(args.model))
+  model = load_model(args.model)
+  adapter = peft_io.read_peft(folder, model)
+  from rpe_jax.tasks.contract import model_task_name
+  task = model_task_name(model)
+  if args.task is not None and args.task != task:
+    raise LibraryError(f"--task {args.task}: the model is a {task} model")
   base_model = args.base_model
   if base_model is None:
     config = untrusted.read_json(folder / peft_io.CONFIG_NAME)
@@ -108,7 +121,7 @@ def _import_peft(args) -> int:
       raise LibraryError("--base-model is required: the PEFT folder's adapter_config.json "
                          "names no base_model_name_or_path")
   with Library.open(args.library, timeout=args.timeout) as lib:
-    entry = _add_entry(args, lib, adapter, base_model)
+    entry = _add_entry(args, lib, adapter, base_model, task)
   _emit(args, entry.to_json(), f"imported {_entry_line(entry)}")
   return 0
 
@@ -208,6 +221,9 @@ def _add_options(p: argparse.ArgumentParser, *, base_required: bool = True) -> N
   p.add_argument("--n-samples", type=int, required=True,
                  help="size of the dataset the prototype was averaged over")
   p.add_argument("--metadata", help="JSON object, or @file.json (license, source, task)")
+  p.add_argument("--task", choices=("classification", "segmentation", "report"),
+                 help="the adapter's task, recorded so that a composition never mixes tasks "
+                 "(import-peft: the model's, by default)")
   p.add_argument("--replace", action="store_true", help="replace an entry of the same name")
 
 
