@@ -99,6 +99,9 @@ def test_predict_uses_the_prompt(tiny_sam):
   none = seg.predict(tiny_sam, ds, prompt="none", batch_size=2)
   assert box.shape == none.shape == (3, 32, 32) and box.dtype == bool
   assert np.any(box != none)
+  # Without boxes the masks are not read: an unlabeled dataset predicts the same.
+  np.testing.assert_array_equal(seg.predict(tiny_sam, ds._replace(masks=None), prompt="none",
+                                            batch_size=2), none)
 
 
 @pytest.mark.slow

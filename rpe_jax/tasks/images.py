@@ -316,6 +316,9 @@ _PER_SITE = 900   # images drawn (without replacement) from the 1797 for each si
 def _builtin_parts(rest, uri):
   body, _, size = rest.partition(":")
   family, _, member = body.partition("/")
+  if family == "organs" and uri.startswith("sites:"):
+    raise DatasetError(f"{uri!r} is a segmentation dataset family (rpe_jax.tasks.seg_data), "
+                       "not a classification one")
   if family != "digits":
     raise DatasetError(f"{uri!r}: unknown built-in family {family!r} (available: digits)")
   if size and (not size.isdigit() or int(size) < 8):

@@ -1,7 +1,9 @@
 """The report → impression pipeline for causal language models (RPE's language task).
 
 A dataset is a list of ``Report(findings, impression)`` pairs (JSONL: one
-``{"findings": ..., "impression": ...}`` object per line). One training example is
+``{"findings": ..., "impression": ...}`` object per line; impression None, and left out of
+the file, in an unlabeled dataset; datasets by URI: ``rpe_jax.tasks.report_data``). One
+training example is
 
   [bos] prompt(template, findings) impression [eos]
 
@@ -46,35 +48,67 @@ from rpe_jax.training import OptimConfig, fit
 
 class Report(NamedTuple):
   findings: str
-  impression: str
+  impression: str | None    # None: an unlabeled report (a target to compose for)
 
 
-def read_jsonl(path) -> list[Report]:
-  """Reports from a JSONL file of {"findings": str, "impression": str} objects."""
+def _jsonl_lines(path: Path):
+  """(line number, text) of the non-blank lines of a UTF-8 JSONL file.
+
+  Lines end at "\n" only: ``str.splitlines`` would also cut at U+2028 and other separators
+  that JSON allows inside a string.
+  """
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    raise ValueError(f"{path}: no such file") from None
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+  return [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def read_jsonl(path, *, require_impression: bool = True) -> list[Report]:
+  """Reports from a JSONL file of {"findings": str, "impression": str} objects.
+
+  With ``require_impression=False`` the impressions may be left out, in every line (an
+  unlabeled dataset: impressions None) or in none: a file mixing the two is an error naming
+  the first line that differs, as a half-labeled dataset is most likely a mistake.
+  """
   path = Path(path)
-  reports = []
-  for n, line in enumerate(path.read_text().splitlines(), start=1):
-    if not line.strip():
-      continue
+  reports, first_labeled = [], None
+  for n, line in _jsonl_lines(path):
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
       raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-    for key in ("findings", "impression"):
+    labeled = "impression" in row
+    for key in ("findings", "impression") if require_impression or labeled else ("findings",):
       if not isinstance(row.get(key), str) or not row[key].strip():
         raise ValueError(f"{path}:{n}: {key!r} must be a non-empty string")
-    reports.append(Report(row["findings"], row["impression"]))
+    if first_labeled is None:
+      first_labeled = (labeled, n)
+    elif labeled != first_labeled[0]:
+      has, other = ("an", "none") if labeled else ("no", "one")
+      raise ValueError(f"{path}:{n}: has {has} 'impression' but line {first_labeled[1]} has "
+                       f"{other}; give every report an impression or none")
+    reports.append(Report(row["findings"], row.get("impression")))
   if not reports:
     raise ValueError(f"{path}: no reports")
   return reports
 
 
 def write_jsonl(path, reports: Sequence[Report]) -> Path:
+  """One JSON object per line; an unlabeled report (impression None) has no "impression"."""
   path = Path(path)
-  path.write_text("".join(json.dumps({"findings": r.findings, "impression": r.impression})
-                          + "\n" for r in reports))
+  rows = ({"findings": r.findings} if r.impression is None
+          else {"findings": r.findings, "impression": r.impression} for r in reports)
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
   return path
 
 
@@ -221,6 +255,8 @@ def encode_examples(codec: Codec, reports: Sequence[Report], max_len: int, *,
   attn = np.zeros((len(reports), max_len), np.int32)
   loss = np.zeros((len(reports), max_len), np.int32)
   for n, (report, t) in enumerate(zip(reports, choice)):
+    if report.impression is None:
+      raise ValueError(f"reports[{n}] has no impression; training needs labeled reports")
     target = codec.encode(" " + report.impression) + [codec.eos_id]
     head, tail = templates[t] + "\nFindings: ", "\nImpression:"
     fixed = [codec.bos_id] + codec.encode(head) + codec.encode(tail) + target

@@ -43,23 +43,33 @@ from rpe_jax.training import OptimConfig, fit
 PROMPTS = ("box", "none")
 
 class SegDataset(NamedTuple):
-  """images float32 [N, H, W, 1] in [0, 1]; masks bool [N, H, W]; a name."""
+  """images float32 [N, H, W, C] in [0, 1] (C = 1 gray or 3); masks bool [N, H, W], or None
+  for an unlabeled dataset (a target to compose for: its prototype needs no masks); a name.
+  Datasets by URI: ``rpe_jax.tasks.seg_data``."""
 
   images: np.ndarray
-  masks: np.ndarray
+  masks: np.ndarray | None
   name: str
 
 
 def check_dataset(ds: SegDataset) -> SegDataset:
-  images, masks = np.asarray(ds.images), np.asarray(ds.masks)
-  if images.ndim != 4 or masks.shape != images.shape[:3]:
+  images = np.asarray(ds.images)
+  masks = None if ds.masks is None else np.asarray(ds.masks)
+  if images.ndim != 4 or (masks is not None and masks.shape != images.shape[:3]):
     raise ValueError(f"dataset {ds.name!r}: images must be [N, H, W, C] and masks [N, H, W], "
-                     f"got {images.shape} and {masks.shape}")
+                     f"got {images.shape} and {None if masks is None else masks.shape}")
   if len(images) == 0:
     raise ValueError(f"dataset {ds.name!r} is empty")
   if not np.all(np.isfinite(images)):
     raise ValueError(f"dataset {ds.name!r}: images contain NaN or Inf")
-  return SegDataset(images.astype(np.float32), masks.astype(bool), ds.name)
+  return SegDataset(images.astype(np.float32), None if masks is None else masks.astype(bool),
+                    ds.name)
+
+
+def _require_masks(ds: SegDataset, why: str, hint: str = "") -> None:
+  """Ground truth is needed for box prompts, DICE and training; an unlabeled dataset has none."""
+  if ds.masks is None:
+    raise ValueError(f"{why}; dataset {ds.name!r} has none{hint}")
 
 
 # --- the built-in family ----------------------------------------------------------------------
@@ -226,8 +236,12 @@ def predict(model: SamModel, ds: SegDataset, *, prompt: str = "box",
   """Binary masks [N, H, W] (logit > 0), in fixed-size batches (one compile)."""
   ds = check_dataset(ds)
   _check_prompt(prompt)
+  if prompt == "box":
+    _require_masks(ds, "prompt 'box' derives boxes from masks", " — use prompt 'none'")
   graphdef, state = nnx.split(model)
-  boxes = boxes_from_masks(ds.masks)
+  # Without box prompts the boxes are never read: zeros keep the compiled shapes the same.
+  boxes = (boxes_from_masks(ds.masks) if prompt == "box"
+           else np.zeros((len(ds.images), 1, 4), np.float32))
   bs = min(batch_size, len(ds.images))
   out = []
   for s in range(0, len(ds.images), bs):
@@ -242,6 +256,7 @@ def evaluate_dice(model: SamModel, ds: SegDataset, *, prompt: str = "box",
                   batch_size: int = 64) -> float:
   """Mean per-image DICE of ``model`` on ``ds``."""
   ds = check_dataset(ds)
+  _require_masks(ds, "DICE compares predictions with ground-truth masks")
   return float(dice_scores(predict(model, ds, prompt=prompt, batch_size=batch_size),
                            ds.masks).mean())
 
@@ -334,6 +349,7 @@ def train(model: SamModel, ds: SegDataset, config: SegTrainConfig = SegTrainConf
   (used to build the small frozen base of the built-in family).
   """
   ds = check_dataset(ds)
+  _require_masks(ds, "training fits ground-truth masks")
   if trainable not in ("adapter", "all"):
     raise ValueError(f"trainable must be 'adapter' or 'all', got {trainable!r}")
   model = _copy(model)

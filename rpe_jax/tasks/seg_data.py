@@ -1,0 +1,283 @@
+"""Segmentation datasets by URI (the SAM task's data; ``rpe_jax.tasks.images`` is the
+classification counterpart and shares its ``DatasetError``).
+
+URIs (``load(uri, split)`` / ``load_splits(uri)``):
+
+* ``masks:<images folder>[:<masks folder>]`` — image / mask pairs matched by file stem
+  (``a.png`` in one folder, ``a.png`` or ``a.npy`` in the other); relative folders are
+  resolved against ``data_root`` when one is given, and folder names cannot hold ":".
+  Images are any image PIL reads (gray, 16-bit gray → 1 channel; anything else → RGB) or
+  ``.npy`` arrays [H, W] or [H, W, 1|3] (uint8, uint16, bool, or float in [0, 1]); a folder
+  mixing gray and RGB images is read as RGB (gray repeated: lossless). Masks are images or
+  ``.npy`` arrays [H, W] (or [H, W, 1]): nonzero is foreground (a mask image's alpha channel
+  is ignored). Every image needs a mask and every mask an image, all images one size and
+  each mask its image's size.
+  Without a masks folder the dataset is unlabeled (``masks`` None): a target to compose for.
+  Files of other types (``README.txt``) and hidden files are ignored, as in ``folder:``.
+  The files, sorted by stem, are divided 70/15/15 by a permutation seeded by ``seed``.
+* ``sites:organs[/<site>][:<size>]`` — built-in: the organ phantoms of
+  ``rpe_jax.tasks.segmentation`` rendered at each acquisition site (``SITES``), ``PER_SITE``
+  images per site at ``size`` pixels (default 32; a multiple of 16, the tiny SAM's rule),
+  divided 60/20/20 by ``seed`` (which also seeds the phantoms). ``segmentation.load_site``,
+  which the benchmarks use, is the same generator with its own train / test counts: at its
+  defaults (96 + 64) its images are these 160, in order.
+
+``split`` is "train", "val", "test" or "all" (the whole dataset, in file order). A family URI
+(``sites:organs``) names several datasets: ``members(uri)`` lists them. Images are float32
+[N, H, W, C] in [0, 1] (uint8 divided by 255), masks bool [N, H, W]. Everything malformed
+raises ``DatasetError`` (a ``ValueError``) with one line naming the file, folder or URI.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from rpe_jax.tasks import segmentation
+from rpe_jax.tasks.images import DatasetError
+from rpe_jax.tasks.segmentation import SegDataset
+from rpe_jax.tasks.sites import SITES
+
+SCHEMES = ("masks", "sites")
+SPLITS = ("train", "val", "test", "all")
+PER_SITE = 160          # phantoms per built-in site: 96 / 32 / 32, a fraction of a second
+_BUILTIN_SIZE = 32
+_FILE_FRACTIONS = (0.7, 0.15)    # train, val; test is the rest
+_BUILTIN_FRACTIONS = (0.6, 0.2)
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
+
+
+class SegSplits(NamedTuple):
+  train: SegDataset
+  val: SegDataset
+  test: SegDataset
+
+
+def _subset(ds: SegDataset, index, name: str) -> SegDataset:
+  return SegDataset(ds.images[index], None if ds.masks is None else ds.masks[index], name)
+
+
+def _split(ds: SegDataset, fractions, seed: int) -> SegSplits:
+  """Train/val/test by a seeded permutation: the same draw as ``images._split_fractions``."""
+  n = len(ds.images)
+  perm = np.random.default_rng(seed).permutation(n)
+  n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+  parts = (perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:])
+  return SegSplits(*(_subset(ds, np.sort(p), f"{ds.name}[{s}]")
+                     for p, s in zip(parts, SegSplits._fields)))
+
+
+# --- URIs ----------------------------------------------------------------------------------
+
+def _scheme(uri: str) -> tuple[str, str]:
+  if not isinstance(uri, str) or ":" not in uri:
+    raise DatasetError(f"segmentation dataset URI {uri!r} has no scheme; expected one of "
+                       f"{', '.join(s + ':' for s in SCHEMES)}")
+  scheme, rest = uri.split(":", 1)
+  if scheme not in SCHEMES:
+    raise DatasetError(f"unknown segmentation dataset URI scheme {scheme!r} in {uri!r}; "
+                       f"expected one of {', '.join(s + ':' for s in SCHEMES)}")
+  if not rest:
+    raise DatasetError(f"dataset URI {uri!r} names no dataset")
+  return scheme, rest
+
+
+def _read(uri: str, data_root: str | None, seed: int) -> tuple[SegDataset, tuple]:
+  """The whole dataset ``uri`` names and its split fractions."""
+  scheme, rest = _scheme(uri)
+  if scheme == "masks":
+    return _read_masks(rest, uri, data_root), _FILE_FRACTIONS
+  return _read_site(rest, uri, seed), _BUILTIN_FRACTIONS
+
+
+def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> SegSplits:
+  """The train/val/test splits of the dataset ``uri`` names (see the module docstring)."""
+  ds, fractions = _read(uri, data_root, seed)
+  return _split(ds, fractions, seed)
+
+
+def load(uri: str, split: str = "test", *, data_root: str | None = None,
+         seed: int = 0) -> SegDataset:
+  """One split ("train", "val", "test", or "all": every image, in file order) of ``uri``."""
+  if split not in SPLITS:
+    raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+  if split == "all":
+    return _read(uri, data_root, seed)[0]
+  return getattr(load_splits(uri, data_root=data_root, seed=seed), split)
+
+
+def members(uri: str) -> list[str]:
+  """The dataset URIs of a family (``sites:organs`` → one per site); ``[uri]`` otherwise."""
+  scheme, rest = _scheme(uri)
+  if scheme == "sites":
+    family, site, size = _builtin_parts(rest, uri)
+    if site is None:
+      suffix = f":{size}" if size != _BUILTIN_SIZE else ""
+      return [f"sites:{family}/{s}{suffix}" for s in SITES]
+  return [uri]
+
+
+# --- image / mask folders ------------------------------------------------------------------
+
+def _one_line(e: Exception) -> str:
+  lines = str(e).splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
+def _files_by_stem(folder: str, uri: str, what: str) -> dict[str, str]:
+  """{stem: path} of the image and .npy files in ``folder``; two files of one stem are an
+  error (which one is meant?)."""
+  if not os.path.isdir(folder):
+    raise DatasetError(f"{uri!r}: {what} folder {folder} does not exist")
+  by_stem: dict[str, str] = {}
+  for f in sorted(os.listdir(folder)):
+    path = os.path.join(folder, f)
+    if f.startswith(".") or not f.lower().endswith(_IMAGE_EXTENSIONS) or not os.path.isfile(path):
+      continue
+    stem = os.path.splitext(f)[0]
+    if stem in by_stem:
+      raise DatasetError(f"{path} and {by_stem[stem]} share the stem {stem!r}; keep one "
+                         f"{what[:-1]} per stem")
+    by_stem[stem] = path
+  if not by_stem:
+    raise DatasetError(f"{what} folder {folder} holds no {what} "
+                       f"({', '.join(_IMAGE_EXTENSIONS)})")
+  return by_stem
+
+
+def _load_npy(path: str) -> np.ndarray:
+  try:
+    x = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:   # pickled objects, bad header, truncated
+    raise DatasetError(f"{path}: not a readable .npy array ({_one_line(e)})") from e
+  if not isinstance(x, np.ndarray):   # np.load of an .npz-in-disguise
+    raise DatasetError(f"{path}: not a single .npy array")
+  if x.dtype.kind not in "biuf":
+    raise DatasetError(f"{path}: dtype {x.dtype} is not a number type")
+  if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+    raise DatasetError(f"{path}: contains NaN or Inf")
+  return x
+
+
+def _open_image(path: str):
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im.copy()
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise DatasetError(f"{path}: unreadable image ({_one_line(e)})") from e
+
+
+def _unit_range(x: np.ndarray, path: str) -> np.ndarray:
+  """uint8 / 255, uint16 / 65535, bool as 0 / 1, float as is (it must lie in [0, 1]): float32
+  in [0, 1]. Other integer types are refused rather than guessed at (which maximum?)."""
+  if x.dtype in (np.uint8, np.uint16):
+    return (x.astype(np.float64) / np.iinfo(x.dtype).max).astype(np.float32)
+  if x.dtype == bool or (x.dtype.kind == "f" and (not x.size or (x.min() >= 0 and x.max() <= 1))):
+    return x.astype(np.float32)
+  span = f"values in [{x.min()}, {x.max()}]" if x.size and x.dtype.kind == "f" else "values"
+  raise DatasetError(f"{path}: {x.dtype} {span}; expected uint8, uint16, or float in [0, 1]")
+
+
+def _read_image(path: str) -> np.ndarray:
+  """One image as float32 [H, W, C] in [0, 1], C = 1 (gray) or 3."""
+  if path.lower().endswith(".npy"):
+    x = _load_npy(path)
+    if x.ndim == 2:
+      x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] not in (1, 3):
+      raise DatasetError(f"{path}: array of shape {x.shape}; expected [H, W] or [H, W, 1|3]")
+    return _unit_range(x, path)
+  im = _open_image(path)
+  if im.mode.startswith("I") or im.mode == "F":   # 16-bit gray (I;16, or I), float gray
+    x = np.asarray(im)       # converting to "L" would clip 16-bit values at 255: keep the depth
+    if x.dtype.kind == "i" and x.size and x.min() >= 0 and x.max() <= 65535:
+      x = x.astype(np.uint16)
+    return _unit_range(x, path)[..., None]
+  gray = im.mode in ("1", "L", "LA")
+  x = np.asarray(im.convert("L" if gray else "RGB"))
+  return _unit_range(x if x.ndim == 3 else x[..., None], path)
+
+
+def _read_mask(path: str) -> np.ndarray:
+  """One mask as bool [H, W]: nonzero is foreground."""
+  if path.lower().endswith(".npy"):
+    x = _load_npy(path)
+    if x.ndim == 3 and x.shape[-1] == 1:
+      x = x[..., 0]
+    if x.ndim != 2:
+      raise DatasetError(f"{path}: mask array of shape {x.shape}; expected [H, W]")
+    return x != 0
+  im = _open_image(path)
+  x = np.asarray(im)
+  if im.mode.endswith("A"):   # LA, RGBA, PA: the alpha channel says nothing about the organ
+    x = x[..., :-1]
+  return (x != 0).any(axis=-1) if x.ndim == 3 else x != 0
+
+
+def _hw(x: np.ndarray) -> str:
+  return f"{x.shape[0]}×{x.shape[1]}"
+
+
+def _read_masks(rest: str, uri: str, data_root: str | None) -> SegDataset:
+  parts = rest.split(":")
+  if len(parts) > 2 or not all(parts):
+    raise DatasetError(f"{uri!r}: expected masks:<images folder>[:<masks folder>]")
+  folders = [p if os.path.isabs(p) or data_root is None else os.path.join(data_root, p)
+             for p in parts]
+  image_files = _files_by_stem(folders[0], uri, "images")
+  mask_files = _files_by_stem(folders[1], uri, "masks") if len(folders) == 2 else None
+  if mask_files is not None:
+    for stem, path in image_files.items():
+      if stem not in mask_files:
+        raise DatasetError(f"image {path} has no mask {stem}.* in {folders[1]}")
+    for stem, path in mask_files.items():
+      if stem not in image_files:
+        raise DatasetError(f"mask {path} has no image {stem}.* in {folders[0]}")
+  stems = sorted(image_files)
+  images = [_read_image(image_files[s]) for s in stems]
+  first = image_files[stems[0]]
+  for s, x in zip(stems, images):
+    if x.shape[:2] != images[0].shape[:2]:
+      raise DatasetError(f"image {image_files[s]} is {_hw(x)} but {first} is {_hw(images[0])}; "
+                         "all images must have one size")
+  if any(x.shape[-1] == 3 for x in images):
+    images = [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
+  masks = None
+  if mask_files is not None:
+    masks = [_read_mask(mask_files[s]) for s in stems]
+    for s, m in zip(stems, masks):
+      if m.shape != images[0].shape[:2]:
+        raise DatasetError(f"mask {mask_files[s]} is {_hw(m)} but its image is "
+                           f"{_hw(images[0])}")
+    masks = np.stack(masks)
+  return SegDataset(np.stack(images), masks, uri)
+
+
+# --- the built-in family -------------------------------------------------------------------
+
+def _builtin_parts(rest: str, uri: str):
+  body, _, size = rest.partition(":")
+  family, _, site = body.partition("/")
+  if family == "digits":
+    raise DatasetError(f"{uri!r} is a classification dataset family (rpe_jax.tasks.images), "
+                       "not a segmentation one")
+  if family != "organs":
+    raise DatasetError(f"{uri!r}: unknown built-in family {family!r} (available: organs)")
+  if size and (not size.isdigit() or int(size) < 16 or int(size) % 16):
+    raise DatasetError(f"{uri!r}: size must be a multiple of 16, got {size!r}")
+  if site and site not in SITES:
+    raise DatasetError(f"{uri!r}: unknown site {site!r}; sites: {', '.join(SITES)}")
+  return family, site or None, int(size) if size else _BUILTIN_SIZE
+
+
+def _read_site(rest: str, uri: str, seed: int) -> SegDataset:
+  family, site, size = _builtin_parts(rest, uri)
+  if site is None:
+    raise DatasetError(f"{uri!r} is a family of sites; load one of: {', '.join(members(uri))}")
+  # load_site's generator, all of it as one pool (its own two-way split is the benchmarks').
+  whole = segmentation.load_site(site, size=size, n_train=PER_SITE, n_test=0, seed=seed).train
+  return whole._replace(name=uri)
