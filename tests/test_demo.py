@@ -5,6 +5,7 @@ RPE_JAX_DEMO_SIZE=tiny (16-px images, a 2-layer ViT, one epoch) in a temporary c
 concurrent first runs build it and leave one valid cache; a second run reuses it untouched.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -73,4 +74,42 @@ def test_demo_builds_one_cache_concurrently_then_reuses_it(tmp_path, monkeypatch
   out = capsys.readouterr().out
   assert _table_rows(out) == list(ROWS), out
   assert f"library: {folder / 'library'}" in out
+  assert _files(folder) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["segmentation", "report"])
+def test_the_other_demos_build_then_reuse_their_cache(task, tmp_path, monkeypatch, capsys):
+  """`--demo segmentation|report` at the tiny size: the first run builds a base and one
+  adapter per member through the task contract; the second trains nothing."""
+  import importlib
+  monkeypatch.setenv("RPE_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("RPE_JAX_DEMO_SIZE", "tiny")
+  module = importlib.import_module(f"rpe_jax.demo.{task}")
+  assert main(["--demo", task]) == 0
+  out = capsys.readouterr().out
+  assert _table_rows(out) == list(ROWS), out
+  folder = module.cache_folder()
+  with Library.open(folder / "library", readonly=True) as lib:
+    assert sorted(lib.names()) == sorted(module.MEMBERS)
+    assert {e.metadata["task"] for e in lib.entries()} == {task}
+  before = _files(folder)
+  task_class = {"segmentation": "SegmentationTask", "report": "ReportTask"}[task]
+  tasks_module = importlib.import_module(f"rpe_jax.tasks.{task}")
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("the second run retrained instead of using the cache")
+
+  monkeypatch.setattr(getattr(tasks_module, task_class), "train", no_training)
+  monkeypatch.setattr(tasks_module, "pretrain_base", no_training)
+  assert main(["--demo", task, "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["task"] == task and report["held_out"] == module.HELD_OUT
+  assert [r["method"].split(" ")[0] for r in report["results"]] == list(ROWS)
+  metric = report["metric"]
+  assert all(0.0 <= r[metric] <= 1.0 for r in report["results"])
+  # The composed rows' weights are over the other members only, and sum to one.
+  for r in report["results"][1:-1]:
+    assert module.HELD_OUT not in r["weights"]
+    assert sum(r["weights"].values()) == pytest.approx(1.0, abs=1e-5)
   assert _files(folder) == before

@@ -242,10 +242,14 @@ def run(args) -> int:
   # Read the datasets before the (slower) model so that a bad URI fails fast.
   task, datasets = (pipeline.load_datasets(args.data, args.split, args.data_root)
                     if args.data else (None, None))
-  if args.eval:
-    unlabeled = [u for u, ds in zip(args.data, datasets) if not task.labeled(ds)]
-    if unlabeled:
-      raise ValueError(f"--eval: {unlabeled[0]} carries no labels to score against")
+  unlabeled = [u for u, ds in zip(args.data, datasets) if not task.labeled(ds)] \
+      if datasets is not None else []
+  if args.eval and unlabeled:
+    raise ValueError(f"--eval: {unlabeled[0]} carries no labels to score against")
+  if (args.predict or args.eval) and task.name == "segmentation" and args.prompt == "box" \
+      and unlabeled:
+    raise ValueError(f"--prompt box derives each box from the target's masks; {unlabeled[0]} "
+                     "has none: pass --prompt none")
   tm = None
   with clock("model"):
     if args.model and (args.data or args.merge or args.format == "peft"):
