@@ -445,7 +445,8 @@ def findings_prototype(model, codec: Codec, findings: Sequence[str], **kw) -> Pr
 
 def generate_impressions(model, codec: Codec, findings: Sequence[str], *,
                          template: str = TEMPLATES[0], max_new_tokens: int = 32,
-                         batch_size: int = 16, max_prompt_len: int = 128) -> list[str]:
+                         batch_size: int = 16, max_prompt_len: int = 128,
+                         progress: bool = False) -> list[str]:
   """Greedy impressions for ``findings``: left-padded prompts in fixed-size batches."""
   if not findings:
     raise ValueError("findings is empty")
@@ -456,7 +457,11 @@ def generate_impressions(model, codec: Codec, findings: Sequence[str], *,
     ids = np.concatenate([ids, np.repeat(ids[:1], pad_rows, 0)])
     mask = np.concatenate([mask, np.repeat(mask[:1], pad_rows, 0)])
   texts = []
-  for start in range(0, len(ids), batch_size):
+  starts = range(0, len(ids), batch_size)
+  if progress:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc="generate impressions", unit="batch")
+  for start in starts:
     new = llama.generate(model, ids[start:start + batch_size], max_new_tokens,
                          attention_mask=mask[start:start + batch_size],
                          eos_token_id=codec.eos_id, pad_token_id=codec.pad_id)
@@ -646,7 +651,7 @@ class ReportTask(Task):
 
   def predict(self, tm, ds, *, progress=False, max_new_tokens=32, **options) -> list[str]:
     return generate_impressions(tm.model, self._codec(tm), list(ds.findings),
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, progress=progress)
 
   def score(self, predictions, ds, *, bertscore_model=None, **options) -> dict | None:
     if ds.impressions is None:

@@ -232,7 +232,7 @@ def _padded(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def predict(model: SamModel, ds: SegDataset, *, prompt: str = "box",
-            batch_size: int = 64) -> np.ndarray:
+            batch_size: int = 64, progress: bool = False) -> np.ndarray:
   """Binary masks [N, H, W] (logit > 0), in fixed-size batches (one compile)."""
   ds = check_dataset(ds)
   _check_prompt(prompt)
@@ -244,7 +244,11 @@ def predict(model: SamModel, ds: SegDataset, *, prompt: str = "box",
            else np.zeros((len(ds.images), 1, 4), np.float32))
   bs = min(batch_size, len(ds.images))
   out = []
-  for s in range(0, len(ds.images), bs):
+  starts = range(0, len(ds.images), bs)
+  if progress:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc=f"predict {ds.name}", unit="batch")
+  for s in starts:
     imgs, bx = _padded(ds.images[s:s + bs], bs), _padded(boxes[s:s + bs], bs)
     pred = _predict(graphdef, state, jnp.asarray(imgs), jnp.asarray(bx),
                     use_boxes=prompt == "box")
@@ -434,7 +438,7 @@ class SegmentationTask(Task):
         "final_loss": float(result.losses[-1])})
 
   def predict(self, tm, ds, *, progress=False, prompt="box", **options) -> np.ndarray:
-    return predict(tm.model, ds, prompt=prompt)
+    return predict(tm.model, ds, prompt=prompt, progress=progress)
 
   def score(self, predictions, ds, **options) -> dict | None:
     if ds.masks is None:
