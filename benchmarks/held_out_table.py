@@ -35,7 +35,8 @@ def plot_bars(scores: dict[str, dict[str, float]], columns, path, *, ylabel: str
   ax.set_ylabel(ylabel)
   if ylim is not None:
     ax.set_ylim(*ylim)
-  ax.legend(fontsize=7, ncol=4)
+  # Below the axes: scores near 1 (the own adapter, a saturated base) would hide under it.
+  ax.legend(fontsize=7, ncol=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.1))
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)

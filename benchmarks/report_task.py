@@ -1,146 +1,153 @@
 """Leave-one-out adapter composition on the report → impression task (RPE's language setup).
 
-    .venv/bin/python benchmarks/report_task.py            # 4 modalities, 150 steps each
-    .venv/bin/python benchmarks/report_task.py --quick    # fewer reports and steps
+    .venv/bin/python benchmarks/report_task.py            # 4 modalities, 25 epochs each
+    .venv/bin/python benchmarks/report_task.py --quick    # the demo's sizes
 
-A tiny Llama (random base, as there are no weights to download) and a byte-level BPE
-trained locally on synthetic radiology reports of the modalities in
-``rpe_jax.tasks.report.MODALITIES``. One LoRA per modality is trained on impression tokens only.
-For each held-out modality, the other modalities' adapters are weighted from their
-findings prototypes (every strategy of ``rpe_jax.weighting``), composed exactly
-(``rpe_jax.compose.combine``), and the greedy impressions of the held-out test reports are
-scored by ROUGE-L F1. Rows ``base`` (no adapter) and ``own`` (the held-out modality's own
-adapter: an upper bound the composition does not see) frame the strategies.
+The built-in synthetic reports (``reports:<modality>``, ``rpe_jax.tasks.report_data``: 160
+per modality, 96 / 32 / 32 train / val / test) through the task contract and the pipeline's
+public API, exactly as ``python -m rpe_jax.compose --demo report`` builds its base and
+library:
+
+* the frozen base is a byte-level BPE (``rpe_jax.tasks.report.train_tokenizer``, on the
+  train reports of the members and base modalities) and a small Llama *pretrained* in full
+  on the train reports of ``--base-modalities`` (``rpe_jax.tasks.report.pretrain_base``; no
+  pretrained language model can be downloaded here), cached as an HF folder with its
+  ``tokenizer.json`` under ``<out>/loo_cache/``;
+* one LoRA per modality (every attention and MLP projection, impression tokens only)
+  trained by ``ReportTask.train`` and stored in a ``Library`` (cached beside the base) with
+  its prototype: the mean last hidden state over the findings tokens of its train reports;
+* for each held-out modality, the findings of its test reports (no impression) give the
+  target prototype; every strategy of ``rpe_jax.weighting`` weighs and composes the other
+  modalities' adapters (``rpe_jax.pipeline.compose_targets``, the modality excluded), and
+  ``rpe_jax.pipeline.predict_targets`` scores the greedy impressions by ROUGE-L F1 (and
+  BERTScore F1 with ``--bertscore-model``). Rows ``base`` (no adapter) and ``own`` (the
+  modality's own library adapter: an upper reference the composition never sees) frame
+  the strategies.
 
 Hook for ``benchmarks/leave_one_out.py --task report``: ``add_arguments(parser)`` then
-``run(args)``. Writes benchmarks/results/report_task.json and .png.
+``run(args)`` (returns {row: {modality: ROUGE-L F1}}). Writes
+``<out>/report_task[_quick].{md,json,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+  if str(_p) not in sys.path:
+    sys.path.insert(0, str(_p))
 
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from rpe_jax.tasks import report  # noqa: E402
+from task_leave_one_out import (build_library, cached, held_out_scores,  # noqa: E402
+                                options_key, write_outputs)
 
-from held_out_table import markdown_table, plot_bars  # noqa: E402
-from models import llama  # noqa: E402
-from rpe_jax.tasks import report as text  # noqa: E402
-from rpe_jax.compose import combine, with_adapter  # noqa: E402
+MODALITIES = sorted(report.MODALITIES)
+QUICK = {"base_steps": 300, "epochs": 12}     # the report demo's sizes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--modalities", nargs="+", default=sorted(text.MODALITIES),
-                 choices=sorted(text.MODALITIES))
-  p.add_argument("--n-train", type=int, default=96, help="training reports per modality")
-  p.add_argument("--n-test", type=int, default=32, help="held-out test reports")
-  p.add_argument("--steps", type=int, default=150, help="adapter training steps")
+  p.add_argument("--modalities", nargs="+", default=MODALITIES, choices=MODALITIES,
+                 help="the members (at least 3; default all 4)")
+  p.add_argument("--base-modalities", nargs="+", default=["ct_chest", "us_abdomen"],
+                 choices=MODALITIES, help="modalities whose train reports pretrain the base")
+  p.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size")
+  p.add_argument("--hidden", type=int, default=64, help="Llama hidden size")
+  p.add_argument("--layers", type=int, default=2, help="Llama layers")
+  p.add_argument("--base-steps", type=int, default=600, help="full training of the base")
+  p.add_argument("--epochs", type=int, default=25,
+                 help="adapter epochs (6 steps each: 96 train reports, batch 16)")
+  p.add_argument("--lr", type=float, default=None, help="adapter lr (task default 3e-3)")
   p.add_argument("--rank", type=int, default=4)
-  p.add_argument("--hidden", type=int, default=64, help="tiny Llama hidden size")
-  p.add_argument("--vocab", type=int, default=768, help="BPE vocabulary size")
-  p.add_argument("--max-new-tokens", type=int, default=16)
+  p.add_argument("--max-new-tokens", type=int, default=20)
+  p.add_argument("--k", type=int, default=None,
+                 help="adapters retrieved per held-out modality (default: all the others)")
   p.add_argument("--lam1", type=float, default=1.0, help="sim temperature")
   p.add_argument("--lam2", type=float, default=1.0, help="sparse l1 weight (language: 1)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--bertscore-model", default=None, metavar="DIR",
                  help="a local HF BERT-like folder: also report BERTScore F1 with it")
-  p.add_argument("--quick", action="store_true", help="48 train / 16 test reports, 60 steps")
+  p.add_argument("--quick", action="store_true",
+                 help=f"{QUICK['base_steps']} base steps, {QUICK['epochs']} adapter epochs")
   p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 
 
-def _weights_fn():
-  """rpe_jax.weighting when importable; otherwise plain averaging (said on stdout)."""
-  try:
-    from rpe_jax.weighting import STRATEGIES, compute_weights
-  except ImportError as e:
-    print(f"rpe_jax.weighting is not importable ({e}); composing with 'avg' only")
-    return ("avg",), lambda refs, z, strategy, **kw: np.full(len(refs), 1 / len(refs))
-  return STRATEGIES, lambda *a, **kw: np.asarray(compute_weights(*a, **kw).weights)
+def _uri(modality: str) -> str:
+  return f"reports:{modality}"
+
+
+def base(args, modalities) -> tuple:
+  """(TaskModel, key): the tokenizer and the pretrained Llama, built once per option set,
+  cached as an HF folder with ``tokenizer.json``."""
+  from models import hf
+  from rpe_jax.tasks.registry import task_model
+  from rpe_jax.tasks.report_data import load
+  corpus_modalities = sorted(set(modalities) | set(args.base_modalities))
+  options = {"task": "report", "corpus": corpus_modalities,
+             "base_modalities": sorted(args.base_modalities), "vocab": args.vocab,
+             "hidden": args.hidden, "layers": args.layers, "steps": args.base_steps,
+             "seed": args.seed, "v": 1}
+  key = options_key(options)
+
+  def build(tmp):
+    train = {m: list(load(_uri(m), "train", seed=args.seed).reports)
+             for m in corpus_modalities}
+    corpus = [text for reports in train.values() for r in reports
+              for text in (r.findings, r.impression)]
+    corpus += [report.format_prompt("", t) for t in report.TEMPLATES]
+    codec = report.train_tokenizer(corpus, args.vocab)
+    print(f"pretraining the Llama base on {args.base_modalities} ({args.base_steps} "
+          "steps) ...", flush=True)
+    model = report.pretrain_base(codec, [r for m in args.base_modalities for r in train[m]],
+                                 hidden=args.hidden, layers=args.layers,
+                                 steps=args.base_steps, seed=args.seed)
+    hf.save(model, tmp)
+    report.save_codec(codec, tmp)
+
+  folder = cached(args.out / "loo_cache" / f"report-base-{key}", build)
+  return task_model(hf.load(folder), folder), key
 
 
 def run(args) -> dict:
+  from rpe_jax.tasks.contract import TrainOptions
+  from rpe_jax.tasks.registry import task_named
   if args.quick:
-    args.n_train, args.n_test, args.steps = min(args.n_train, 48), min(args.n_test, 16), 60
-  mods = list(args.modalities)
+    args.base_steps = min(args.base_steps, QUICK["base_steps"])
+    args.epochs = min(args.epochs, QUICK["epochs"])
+  mods = list(dict.fromkeys(args.modalities))
   if len(mods) < 3:
     raise SystemExit("--modalities: need at least 3 (2 to compose, 1 held out)")
   t0 = time.perf_counter()
-  train = {m: text.synthetic_reports(m, args.n_train, seed=args.seed) for m in mods}
-  test = {m: text.synthetic_reports(m, args.n_test, seed=args.seed + 1) for m in mods}
-  corpus = [s for m in mods for r in train[m] for s in r]
-  corpus += [text.format_prompt("", t) for t in text.TEMPLATES]
-  codec = text.train_tokenizer(corpus, args.vocab)
-  cfg = llama.LlamaConfig(vocab_size=codec.vocab_size, hidden_size=args.hidden,
-                          intermediate_size=2 * args.hidden, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=args.hidden // 4,
-                          eos_token_id=(codec.eos_id,), pad_token_id=codec.pad_id)
-  base = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(args.seed))
-  config = text.TextTrainConfig(steps=args.steps, batch_size=8, lr=1e-2, rank=args.rank,
-                                seed=args.seed)
-  adapters, protos = {}, {}
-  for m in mods:
-    result = text.train_adapter(base, text.encode_examples(codec, train[m], 64, seed=args.seed),
-                                config)
-    adapters[m] = result.adapter
-    protos[m] = text.findings_prototype(base, codec, [r.findings for r in train[m]]).z
-    print(f"trained {m}: loss {result.losses[:5].mean():.2f} → {result.losses[-5:].mean():.2f}"
-          f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-  strategies, weights_fn = _weights_fn()
-  scores: dict[str, dict[str, float]] = {}
-  bertscores: dict[str, dict[str, float]] = {}
-  weights: dict[str, dict[str, list]] = {}
-
-  def score(row, held, model):
-    pred = text.generate_impressions(model, codec, [r.findings for r in test[held]],
-                                     max_new_tokens=args.max_new_tokens)
-    truth = [r.impression for r in test[held]]
-    scores.setdefault(row, {})[held] = text.rouge_l(pred, truth).f1
-    if args.bertscore_model:
-      bertscores.setdefault(row, {})[held] = text.bert_score(pred, truth,
-                                                             args.bertscore_model).f1
-
-  for held in mods:
-    lib = [m for m in mods if m != held]
-    z = text.findings_prototype(base, codec, [r.findings for r in test[held]]).z
-    refs = np.stack([protos[m] for m in lib])
-    score("base", held, base)
-    score("own", held, with_adapter(base, adapters[held]))
-    for s in strategies:
-      w = weights_fn(refs, z, s, lam1=args.lam1, lam2=args.lam2)
-      weights.setdefault(s, {})[held] = dict(zip(lib, np.asarray(w, float).round(4).tolist()))
-      score(s, held, with_adapter(base, combine([adapters[m] for m in lib], w)))
-    print(f"held out {held}: " + ", ".join(f"{r} {scores[r][held]:.3f}" for r in scores),
-          flush=True)
-
-  table = markdown_table(scores, mods)
-  print("\nROUGE-L F1 on the held-out modality (rows: composition strategy)\n")
-  print(table)
-  if bertscores:
-    print("\nBERTScore F1 on the held-out modality\n")
-    for row, per in bertscores.items():
-      print(f"| {row} | " + " | ".join(f"{per[m]:.3f}" for m in mods)
-            + f" | {np.mean([per[m] for m in mods]):.3f} |")
-  print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-
-  args.out.mkdir(parents=True, exist_ok=True)
-  stem = args.out / "report_task"
-  meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-          if k != "func"}
-  stem.with_suffix(".json").write_text(json.dumps(
-      {"args": meta, "rouge_l": scores, "bertscore_f1": bertscores, "weights": weights,
-       "table": table}, indent=2))
-  plot_bars(scores, mods, stem.with_suffix(".png"), ylabel="ROUGE-L F1 (held out)")
-  print(f"wrote {stem}.json and .png")
-  return scores
+  task = task_named("report")
+  tm, base_key = base(args, mods)
+  t_base = time.perf_counter()
+  members = {m: _uri(m) for m in mods}
+  options = TrainOptions(rank=args.rank, epochs=args.epochs, lr=args.lr, seed=args.seed)
+  lib_key = options_key({"base": base_key, "members": members, **options._asdict()})
+  lib = build_library(task, tm, members, options,
+                      args.out / "loo_cache" / f"report-library-{lib_key}",
+                      base_model=f"loo-llama-{base_key}", seed=args.seed)
+  t_lib = time.perf_counter()
+  predict_options = {"max_new_tokens": args.max_new_tokens}
+  if args.bertscore_model:
+    predict_options["bertscore_model"] = args.bertscore_model
+  result = held_out_scores(task, tm, lib, members, k=args.k, lam1=args.lam1,
+                           lam2=args.lam2, seed=args.seed, predict_options=predict_options)
+  lib.close()
+  t_end = time.perf_counter()
+  seconds = {"base": round(t_base - t0, 1), "library": round(t_lib - t_base, 1),
+             "held_out": round(t_end - t_lib, 1), "total": round(t_end - t0, 1)}
+  stem = args.out / ("report_task_quick" if args.quick else "report_task")
+  write_outputs(stem, args, task, members, result, seconds,
+                ylabel="ROUGE-L F1 (held out)", ylim=(0, 1),
+                note=f"Base: a {args.layers}-layer, width-{args.hidden} Llama pretrained "
+                f"{args.base_steps} steps on {', '.join(args.base_modalities)}; "
+                f"{args.epochs} adapter epochs, rank {args.rank}, "
+                f"{args.max_new_tokens} new tokens, λ1 = {args.lam1}, λ2 = {args.lam2}.")
+  return result["scores"][task.metric]
 
 
 def main(argv=None):

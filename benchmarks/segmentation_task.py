@@ -1,141 +1,140 @@
 """Leave-one-out adapter composition for SAM segmentation across acquisition sites (DICE).
 
-    .venv/bin/python benchmarks/segmentation_task.py            # 8 sites, 150 steps each
-    .venv/bin/python benchmarks/segmentation_task.py --quick    # 5 sites, fewer steps/images
+    .venv/bin/python benchmarks/segmentation_task.py            # 8 sites, 25 epochs each
+    .venv/bin/python benchmarks/segmentation_task.py --quick    # 5 sites, the demo's sizes
 
-The built-in multi-site family of ``rpe_jax.tasks.segmentation`` (organ-like shapes under
-site-specific acquisition shifts, like the prostate MRI sites). A tiny SAM trained in full
-on the ``clean`` site stands in for the frozen foundation model (no weights can be
-downloaded here; it is cached under --out). One LoRA per site (encoder fused qkv + decoder
-attention q/v) is trained with Dice + BCE. For each held-out site, the other sites' adapters
-are weighted from their prototypes (mean-pooled SAM image embeddings of their training
-images, by the frozen base) against the held-out site's prototype (its unlabeled test
-images), with every strategy of ``rpe_jax.weighting``; composed exactly
-(``rpe_jax.compose.combine``), merged, and scored by mean DICE on the held-out test images.
-Rows ``base`` (frozen, no adapter) and ``own`` (the held-out site's own adapter: an upper
-bound the composition does not see) frame the strategies.
+The built-in organ family (``sites:organs/<site>[:<size>]``, ``rpe_jax.tasks.seg_data``:
+160 phantoms per site, 96 / 32 / 32 train / val / test) through the task contract and the
+pipeline's public API, exactly as ``python -m rpe_jax.compose --demo segmentation`` builds
+its base and library:
+
+* the frozen base is a tiny SAM trained in full on ``--base-sites``
+  (``rpe_jax.tasks.segmentation.pretrain_base``; no pretrained SAM can be downloaded here),
+  on phantoms of seed + 1 — another draw than the members' (seed), so that it has seen no
+  member's test image — and cached as an HF folder under ``<out>/loo_cache/``;
+* one LoRA per site (encoder fused qkv + decoder attention q/v, Dice + BCE) trained by
+  ``SegmentationTask.train`` and stored in a ``Library`` (cached beside the base) with its
+  prototype: the mean-pooled SAM image embedding of its train images under the base;
+* for each held-out site, its unlabeled test images give the target prototype; every
+  strategy of ``rpe_jax.weighting`` weighs and composes the other sites' adapters
+  (``rpe_jax.pipeline.compose_targets``, the site excluded), and
+  ``rpe_jax.pipeline.predict_targets`` scores the composition by mean DICE on those test
+  images. Rows ``base`` (no adapter) and ``own`` (the site's own library adapter: an upper
+  reference the composition never sees) frame the strategies.
+
+Prompts: ``box`` derives each image's box from its ground-truth mask (the usual SAM
+evaluation protocol: the weights never see a mask, the prompts do); ``none`` uses no prompt.
 
 Hook for ``benchmarks/leave_one_out.py --task segmentation``: ``add_arguments(parser)`` then
-``run(args)`` (returns {row: {site: DICE}}). Writes benchmarks/results/segmentation_task.json
-and .png.
+``run(args)`` (returns {row: {site: DICE}}). Writes
+``<out>/segmentation_task[_quick].{md,json,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+  if str(_p) not in sys.path:
+    sys.path.insert(0, str(_p))
 
-import numpy as np  # noqa: E402
-
-from held_out_table import markdown_table, plot_bars  # noqa: E402
-from models import hf, sam  # noqa: E402
 from rpe_jax.tasks import segmentation as seg  # noqa: E402
-from rpe_jax.compose import adapter_of, combine, merge_into  # noqa: E402
-from rpe_jax.weighting import STRATEGIES, compute_weights  # noqa: E402
+from rpe_jax.tasks.sites import SITES  # noqa: E402
+from task_leave_one_out import (build_library, cached, held_out_scores,  # noqa: E402
+                                options_key, write_outputs)
 
 QUICK_SITES = ["clean", "lowcontrast", "noisy", "bias", "scanner"]
+QUICK = {"base_steps": 200, "epochs": 13}     # the segmentation demo's sizes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--sites", nargs="+", default=list(seg.SITES), choices=list(seg.SITES))
+  p.add_argument("--sites", nargs="+", default=list(SITES), choices=list(SITES),
+                 help="the members (at least 3; default all 8)")
+  p.add_argument("--base-sites", nargs="+", default=["clean"], choices=list(SITES),
+                 help="sites whose phantoms (another draw: seed + 1) train the base")
   p.add_argument("--prompt", default="box", choices=seg.PROMPTS,
                  help="box: ground-truth boxes; none: SAM's fixed default prompt")
   p.add_argument("--size", type=int, default=32, help="image size (multiple of 16)")
-  p.add_argument("--n-train", type=int, default=96, help="training images per site")
-  p.add_argument("--n-test", type=int, default=64, help="held-out test images per site")
   p.add_argument("--base-steps", type=int, default=400, help="full training of the base")
-  p.add_argument("--steps", type=int, default=150, help="adapter training steps")
+  p.add_argument("--epochs", type=int, default=25,
+                 help="adapter epochs (6 steps each: 96 train images, batch 16)")
+  p.add_argument("--lr", type=float, default=None, help="adapter lr (task default 3e-3)")
   p.add_argument("--rank", type=int, default=4)
+  p.add_argument("--k", type=int, default=None,
+                 help="adapters retrieved per held-out site (default: all the others)")
   p.add_argument("--lam1", type=float, default=1.0, help="sim temperature")
   p.add_argument("--lam2", type=float, default=10.0, help="sparse l1 weight (vision: 10)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--quick", action="store_true",
-                 help=f"sites {' '.join(QUICK_SITES)}; 64 train / 32 test images; "
-                 "200 base steps, 80 adapter steps")
+                 help=f"sites {' '.join(QUICK_SITES)} (unless --sites); "
+                 f"{QUICK['base_steps']} base steps, {QUICK['epochs']} adapter epochs")
   p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 
 
-def _base(args) -> sam.SamModel:
-  """The frozen base, trained once per (size, steps, prompt, seed) and cached as an HF folder."""
-  folder = args.out / (f"segmentation_base_s{args.size}_n{args.base_steps}_{args.prompt}"
-                       f"_seed{args.seed}")
-  if (folder / "model.safetensors").exists():
-    return sam.from_pretrained(folder)
-  base = seg.pretrain_base(("clean",), size=args.size, steps=args.base_steps,
-                           prompt=args.prompt, n_train=args.n_train, seed=args.seed)
-  hf.save(base, folder)
-  return base
+def _uri(site: str, size: int) -> str:
+  return f"sites:organs/{site}" + (f":{size}" if size != 32 else "")
+
+
+def base(args) -> tuple:
+  """(TaskModel, key): the frozen SAM, trained once per option set, cached as an HF folder."""
+  from models import hf
+  from rpe_jax.tasks.registry import task_model
+  options = {"task": "segmentation", "base_sites": sorted(args.base_sites), "size": args.size,
+             "steps": args.base_steps, "prompt": args.prompt, "seed": args.seed, "v": 1}
+  key = options_key(options)
+
+  def build(tmp):
+    print(f"training the SAM base on {args.base_sites} ({args.base_steps} steps) ...",
+          flush=True)
+    model = seg.pretrain_base(tuple(args.base_sites), size=args.size, steps=args.base_steps,
+                              prompt=args.prompt, seed=args.seed + 1)
+    hf.save(model, tmp)
+
+  folder = cached(args.out / "loo_cache" / f"segmentation-base-{key}", build)
+  return task_model(hf.load(folder), folder), key
 
 
 def run(args) -> dict:
+  from rpe_jax.tasks.contract import TrainOptions
+  from rpe_jax.tasks.registry import task_named
   if args.quick:
-    if args.sites == list(seg.SITES):
+    if args.sites == list(SITES):
       args.sites = QUICK_SITES
-    args.n_train, args.n_test = min(args.n_train, 64), min(args.n_test, 32)
-    args.base_steps, args.steps = min(args.base_steps, 200), min(args.steps, 80)
+    args.base_steps = min(args.base_steps, QUICK["base_steps"])
+    args.epochs = min(args.epochs, QUICK["epochs"])
   sites = list(dict.fromkeys(args.sites))
   if len(sites) < 3:
     raise SystemExit("--sites: need at least 3 (2 to compose, 1 held out)")
-  args.out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  data = {s: seg.load_site(s, size=args.size, n_train=args.n_train, n_test=args.n_test,
-                           seed=args.seed) for s in sites}
-  base = _base(args)
-  print(f"base ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-  config = seg.SegTrainConfig(steps=args.steps, rank=args.rank, prompt=args.prompt,
-                              seed=args.seed)
-  adapters, protos = {}, {}
-  for s in sites:
-    result = seg.train(base, data[s].train, config)
-    adapters[s] = adapter_of(result.model)
-    protos[s] = seg.prototype(base, data[s].train)
-    print(f"trained {s}: loss {result.losses[:5].mean():.3f} → {result.losses[-5:].mean():.3f}"
-          f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-  scores: dict[str, dict[str, float]] = {}
-  weights: dict[str, dict[str, dict]] = {}
-
-  def score(row, held, model):
-    scores.setdefault(row, {})[held] = seg.evaluate_dice(model, data[held].test,
-                                                         prompt=args.prompt)
-
-  for held in sites:
-    lib = [s for s in sites if s != held]
-    z = seg.prototype(base, data[held].test)          # unlabeled target images
-    refs = np.stack([protos[s] for s in lib])
-    score("base", held, base)
-    score("own", held, merge_into(base, adapters[held]))
-    for strategy in STRATEGIES:
-      w = np.asarray(compute_weights(refs, z, strategy, lam1=args.lam1, lam2=args.lam2).weights)
-      weights.setdefault(strategy, {})[held] = dict(zip(lib, w.astype(float).round(4).tolist()))
-      score(strategy, held, merge_into(base, combine([adapters[s] for s in lib], w)))
-    print(f"held out {held}: " + ", ".join(f"{r} {scores[r][held]:.3f}" for r in scores),
-          flush=True)
-
-  table = markdown_table(scores, sites)
-  print(f"\nDICE on the held-out site, prompt={args.prompt} (rows: composition strategy)\n")
-  print(table)
-  seconds = time.perf_counter() - t0
-  print(f"\ntotal {seconds:.0f} s")
-
-  stem = args.out / "segmentation_task"
-  meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-          if k != "func"}
-  stem.with_suffix(".json").write_text(json.dumps(
-      {"args": meta, "dice": scores, "weights": weights, "table": table, "seconds": seconds},
-      indent=2))
-  plot_bars(scores, sites, stem.with_suffix(".png"), ylabel="DICE (held-out site)",
-            width_in=9.0, ylim=(0, 1))
-  print(f"wrote {stem}.json and .png")
-  return scores
+  task = task_named("segmentation")
+  tm, base_key = base(args)
+  t_base = time.perf_counter()
+  members = {s: _uri(s, args.size) for s in sites}
+  options = TrainOptions(rank=args.rank, epochs=args.epochs, lr=args.lr, prompt=args.prompt,
+                         seed=args.seed)
+  lib_key = options_key({"base": base_key, "members": members, **options._asdict()})
+  lib = build_library(task, tm, members, options,
+                      args.out / "loo_cache" / f"segmentation-library-{lib_key}",
+                      base_model=f"loo-sam-{base_key}", seed=args.seed)
+  t_lib = time.perf_counter()
+  result = held_out_scores(task, tm, lib, members, k=args.k, lam1=args.lam1,
+                           lam2=args.lam2, seed=args.seed,
+                           predict_options={"prompt": args.prompt})
+  lib.close()
+  t_end = time.perf_counter()
+  seconds = {"base": round(t_base - t0, 1), "library": round(t_lib - t_base, 1),
+             "held_out": round(t_end - t_lib, 1), "total": round(t_end - t0, 1)}
+  stem = args.out / ("segmentation_task_quick" if args.quick else "segmentation_task")
+  write_outputs(stem, args, task, members, result, seconds, ylabel="DICE (held-out site)",
+                ylim=(0, 1), note=f"Prompt {args.prompt}; base trained on "
+                f"{', '.join(args.base_sites)} (phantoms of seed {args.seed + 1}); "
+                f"{args.epochs} adapter epochs, rank {args.rank}, λ1 = {args.lam1}, "
+                f"λ2 = {args.lam2}.")
+  return result["scores"][task.metric]
 
 
 def main(argv=None):
