@@ -59,13 +59,17 @@ def _subset(ds: SegDataset, index, name: str) -> SegDataset:
   return SegDataset(ds.images[index], None if ds.masks is None else ds.masks[index], name)
 
 
-def _split(ds: SegDataset, fractions, seed: int) -> SegSplits:
-  """Train/val/test by a seeded permutation: the same draw as ``images._split_fractions``."""
-  n = len(ds.images)
+def _seeded_parts(n: int, fractions, seed: int) -> tuple:
+  """Train/val/test indices by a seeded permutation: the same draw as
+  ``images._split_fractions``."""
   perm = np.random.default_rng(seed).permutation(n)
   n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
   parts = (perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:])
-  return SegSplits(*(_subset(ds, np.sort(p), f"{ds.name}[{s}]")
+  return tuple(np.sort(p) for p in parts)
+
+
+def _split(ds: SegDataset, parts) -> SegSplits:
+  return SegSplits(*(_subset(ds, p, f"{ds.name}[{s}]")
                      for p, s in zip(parts, SegSplits._fields)))
 
 
@@ -85,17 +89,19 @@ def _scheme(uri: str) -> tuple[str, str]:
 
 
 def _read(uri: str, data_root: str | None, seed: int) -> tuple[SegDataset, tuple]:
-  """The whole dataset ``uri`` names and its split fractions."""
+  """The whole dataset ``uri`` names and its train/val/test indices."""
   scheme, rest = _scheme(uri)
   if scheme == "masks":
-    return _read_masks(rest, uri, data_root), _FILE_FRACTIONS
-  return _read_site(rest, uri, seed), _BUILTIN_FRACTIONS
+    ds, fractions = _read_masks(rest, uri, data_root), _FILE_FRACTIONS
+  else:
+    ds, fractions = _read_site(rest, uri, seed), _BUILTIN_FRACTIONS
+  return ds, _seeded_parts(len(ds.images), fractions, seed)
 
 
 def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> SegSplits:
   """The train/val/test splits of the dataset ``uri`` names (see the module docstring)."""
-  ds, fractions = _read(uri, data_root, seed)
-  return _split(ds, fractions, seed)
+  ds, parts = _read(uri, data_root, seed)
+  return _split(ds, parts)
 
 
 def load(uri: str, split: str = "test", *, data_root: str | None = None,
@@ -218,6 +224,13 @@ def _read_mask(path: str) -> np.ndarray:
   return (x != 0).any(axis=-1) if x.ndim == 3 else x != 0
 
 
+def _rgb_if_any(images: list) -> list:
+  """Gray images repeated to RGB (lossless) when any image is RGB: one channel count."""
+  if any(x.shape[-1] == 3 for x in images):
+    return [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
+  return images
+
+
 def _hw(x: np.ndarray) -> str:
   return f"{x.shape[0]}×{x.shape[1]}"
 
@@ -244,8 +257,7 @@ def _read_masks(rest: str, uri: str, data_root: str | None) -> SegDataset:
     if x.shape[:2] != images[0].shape[:2]:
       raise DatasetError(f"image {image_files[s]} is {_hw(x)} but {first} is {_hw(images[0])}; "
                          "all images must have one size")
-  if any(x.shape[-1] == 3 for x in images):
-    images = [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
+  images = _rgb_if_any(images)
   masks = None
   if mask_files is not None:
     masks = [_read_mask(mask_files[s]) for s in stems]
