@@ -267,3 +267,119 @@ def test_unlabeled_datasets_need_prompt_none():
     seg.evaluate_dice(None, ds, prompt="none")
   with pytest.raises(ValueError, match="training .* has none"):
     seg.train(None, ds)
+
+
+# --- tensorflow-datasets (tfds-masks:) -----------------------------------------------------
+
+def _raw_pet(tfds, split, data_root):
+  """The records' (image, mask [H, W]) as tfds itself gives them."""
+  source = tfds.data_source("oxford_iiit_pet", split=split, data_dir=data_root, download=False)
+  records = [source[i] for i in range(len(source))]
+  return [(np.asarray(r["image"]), np.asarray(r["segmentation_mask"])[..., 0]) for r in records]
+
+
+def _nearest(values, hw):
+  """Nearest resize of raw mask values (the loader applies the foreground rule first)."""
+  return np.asarray(Image.fromarray(values).resize((hw[1], hw[0]), Image.NEAREST))
+
+
+def test_tfds_masks_through_mock_data(tmp_path):
+  import tensorflow_datasets as tfds
+  root = str(tmp_path)
+  even = ",".join(str(v) for v in range(0, 256, 2))
+  with tfds.testing.mock_data(num_examples=6):
+    raw = _raw_pet(tfds, "train", root)
+    splits = seg_data.load_splits("tfds-masks:oxford_iiit_pet", data_root=root)
+    train = seg_data.load("tfds-masks:oxford_iiit_pet:train", "all", data_root=root)
+    chosen = seg_data.load(f"tfds-masks:oxford_iiit_pet:train:{even}", "all", data_root=root)
+    parts = seg_data.load_splits("tfds-masks:oxford_iiit_pet:train:1", data_root=root, seed=1)
+    again = seg_data.load_splits("tfds-masks:oxford_iiit_pet:train:1", data_root=root, seed=1)
+  # The mock's images have random (None-dim) sizes, and masks other sizes than their images:
+  # everything is resized to the first image's size.
+  assert len({image.shape for image, _ in raw} | {mask.shape for _, mask in raw}) > 1
+  hw = raw[0][0].shape[:2]
+  # No split named: the dataset's train / validation / test (the mock serves every split).
+  uri = "tfds-masks:oxford_iiit_pet"
+  assert [s.name for s in splits] == [f"{uri}[train]", f"{uri}[val]", f"{uri}[test]"]
+  for s in splits:
+    assert s.images.shape == (6, *hw, 3) and s.images.dtype == np.float32
+    assert s.masks.shape == (6, *hw) and s.masks.dtype == bool
+    assert 0 <= s.images.min() <= s.images.max() <= 1
+  np.testing.assert_array_equal(splits.train.images, train.images)   # train comes first
+  np.testing.assert_allclose(train.images[0], raw[0][0] / 255, atol=1e-6)   # not resized
+  for i, (_, mask) in enumerate(raw):   # nonzero by default; else the values named
+    np.testing.assert_array_equal(train.masks[i], _nearest(mask, hw) != 0)
+    np.testing.assert_array_equal(chosen.masks[i], _nearest(mask, hw) % 2 == 0)
+  assert 0 < chosen.masks.mean() < 1
+  # A named split: 80/10/10 by the seed, the same each time, the parts disjoint and covering it.
+  assert [len(p.images) for p in parts] == [5, 1, 0]
+  for p, q in zip(parts, again):
+    np.testing.assert_array_equal(p.images, q.images)
+  key = lambda images: sorted(images.sum(axis=(1, 2, 3)).round(4).tolist())
+  assert key(np.concatenate([p.images for p in parts])) == key(train.images)
+
+
+@pytest.mark.parametrize("rest, parsed", [
+    ("pets", ("pets", None, None)),
+    ("pets:train", ("pets", "train", None)),
+    ("pets:train:1", ("pets", "train", (1,))),
+    ("pets:3,1,3", ("pets", None, (1, 3))),             # digits and commas alone: values
+    ("pets/config:test:2", ("pets/config", "test", (2,))),
+    ("pets:train[:80%]", ("pets", "train[:80%]", None)),   # a slice holds ":"
+    ("pets:train[:80%]:1", ("pets", "train[:80%]", (1,))),
+])
+def test_tfds_masks_uri_parse(rest, parsed):
+  assert seg_data._tfds_parts(rest, "tfds-masks:" + rest) == parsed
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("tfds-masks:pets:", r"expected tfds-masks:<name>\[:<split>\]\[:<foreground values>\]"),
+    ("tfds-masks::train", r"expected tfds-masks:<name>"),
+    ("tfds-masks:pets::1", "empty split"),
+])
+def test_tfds_masks_bad_uris(uri, message):
+  with pytest.raises(DatasetError, match=message) as e:
+    seg_data.load(uri)
+  assert str(e.value).startswith(repr(uri)) and "\n" not in str(e.value)
+
+
+def test_tfds_masks_unknown_dataset_or_features(tmp_path):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=6):
+    for uri, message in [("tfds-masks:no_such_dataset", "not found"),
+                         ("tfds-masks:mnist:train", "dataset 'mnist' has no 'segmentation_mask' "
+                          "feature (features: image, label)")]:
+      with pytest.raises(DatasetError) as e:
+        seg_data.load(uri, "all", data_root=str(tmp_path))
+      assert str(e.value).startswith(repr(uri)) and message in str(e.value), str(e.value)
+      assert "\n" not in str(e.value)
+
+
+def test_tfds_masks_is_a_segmentation_uri_and_tfds_is_optional(monkeypatch):
+  from rpe_jax.tasks import contract
+  assert contract.uri_task_name("tfds-masks:oxford_iiit_pet:train:1") == "segmentation"
+  assert seg_data.members("tfds-masks:oxford_iiit_pet") == ["tfds-masks:oxford_iiit_pet"]
+  monkeypatch.setitem(__import__("sys").modules, "tensorflow_datasets", None)   # not installed
+  with pytest.raises(DatasetError, match=r"^'tfds-masks:pets' needs tensorflow-datasets "
+                     r"\(pip install tensorflow-datasets\)$"):
+    seg_data.load("tfds-masks:pets")
+
+
+def test_resize_helpers():
+  x = np.linspace(0, 1, 4 * 6 * 3, dtype=np.float32).reshape(4, 6, 3)
+  assert seg_data._resize_image(x, (4, 6)) is x   # the first image's size: untouched
+  y = seg_data._resize_image(x, (8, 3))
+  assert y.shape == (8, 3, 3) and y.dtype == np.float32 and 0 <= y.min() <= y.max() <= 1
+  # Bilinear as PIL does it on 8-bit images (images._read_folder), without rounding to 8 bits.
+  eight = np.round(x * 255).astype(np.uint8)
+  pil = np.asarray(Image.fromarray(eight).resize((3, 8), Image.BILINEAR)) / 255
+  np.testing.assert_allclose(y, pil, atol=2 / 255)
+  flat = seg_data._resize_image(np.full((5, 7, 1), 0.25, np.float32), (9, 2))
+  np.testing.assert_allclose(flat, 0.25, atol=1e-6)
+  # Nearest for masks: doubling the size repeats every pixel, and shrinking keeps only pixels
+  # of the mask (a bool stays a bool).
+  m = np.random.default_rng(0).random((5, 7)) > 0.5
+  big = seg_data._resize_mask(m, (10, 14))
+  assert big.dtype == bool and big.shape == (10, 14)
+  np.testing.assert_array_equal(big, np.repeat(np.repeat(m, 2, 0), 2, 1))
+  np.testing.assert_array_equal(seg_data._resize_mask(big, (5, 7)), m)

@@ -49,8 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
   target.add_argument("--data", action="append", metavar="URI",
                       help="target dataset URI — classification: medmnist:, tfds:, folder:, "
                       "sites:digits/<site>, tasks:; segmentation: masks:<images>[:<masks>], "
-                      "sites:organs/<site>; report: jsonl:<file>, reports:<modality>. Repeat "
-                      "for several targets; its prototype uses the model's encoder")
+                      "tfds-masks:, sites:organs/<site>; report: jsonl:<file>, "
+                      "reports:<modality>. Repeat for several targets; its prototype uses the "
+                      "model's encoder")
   target.add_argument("--prototype", action="append", metavar="FILE.npy",
                       help="target prototype file: [d] or a batch [B, d]; repeatable")
   parser.add_argument("--data-root", help="folder holding dataset files (medmnist npz, tfds)")

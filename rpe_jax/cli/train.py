@@ -23,8 +23,8 @@ def configure(parser) -> None:
                         "model picks it), write it and/or add it to a library.")
   parser.add_argument("--data", required=True, help="dataset URI — classification: "
                       "medmnist:, tfds:, folder:, sites:digits/<site>, tasks:digits/<task>; "
-                      "segmentation: masks:<images>:<masks>, sites:organs/<site>; report: "
-                      "jsonl:<file>, reports:<modality>")
+                      "segmentation: masks:<images>:<masks>, tfds-masks:, sites:organs/<site>; "
+                      "report: jsonl:<file>, reports:<modality>")
   parser.add_argument("--data-root", default=None, help="folder holding the dataset files")
   parser.add_argument("--model", default="tiny-foundation",
                       help="an HF checkpoint folder or Hub id (ViT, SAM or Llama with its "

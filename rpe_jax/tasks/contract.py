@@ -123,8 +123,8 @@ def model_task_name(model) -> str:
 
 # The URI schemes of each task; ``sites:`` is shared and split by family.
 _SCHEMES = {"medmnist": "classification", "tfds": "classification", "folder": "classification",
-            "tasks": "classification", "masks": "segmentation", "jsonl": "report",
-            "reports": "report"}
+            "tasks": "classification", "masks": "segmentation", "tfds-masks": "segmentation",
+            "jsonl": "report", "reports": "report"}
 _SITE_FAMILIES = {"digits": "classification", "organs": "segmentation"}
 
 

@@ -21,6 +21,20 @@ URIs (``load(uri, split)`` / ``load_splits(uri)``):
   divided 60/20/20 by ``seed`` (which also seeds the phantoms). ``segmentation.load_site``,
   which the benchmarks use, is the same generator with its own train / test counts: at its
   defaults (96 + 64) its images are these 160, in order.
+* ``tfds-masks:<name>[:<split>][:<foreground values>]`` — a tensorflow-datasets segmentation
+  dataset (one with an ``image`` and a ``segmentation_mask`` feature, e.g. ``oxford_iiit_pet``,
+  whose trimap is 1 pet, 2 background, 3 border) read through tfds' random-access
+  ``data_source`` (array_record; no TensorFlow, no download) with ``data_root`` as the data
+  dir. ``<name>`` is everything before the first ":" (``name/config`` works; a ``:version``
+  does not). The last ":" field is the foreground values when it is digits and commas alone
+  (``1`` or ``1,3``: a mask pixel is foreground when its value is in that set; without it,
+  nonzero is foreground); everything between the name and the values is the split, so a
+  digits-only split name cannot be given, and a sliced split (``train[:80%]``) can. Without a
+  split, the dataset's train / validation / test splits are used when it has all three
+  (``all``: them, in that order), else its train split is divided 80/10/10 by ``seed``; a
+  named split is divided 80/10/10 by ``seed`` (``all``: that split). Images and masks of
+  another size than the first image are resized to it (images bilinear, masks nearest); a
+  mask [H, W, 1] is squeezed.
 
 ``split`` is "train", "val", "test" or "all" (the whole dataset, in file order). A family URI
 (``sites:organs``) names several datasets: ``members(uri)`` lists them. Images are float32
@@ -31,6 +45,7 @@ raises ``DatasetError`` (a ``ValueError``) with one line naming the file, folder
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -40,12 +55,13 @@ from rpe_jax.tasks.images import DatasetError
 from rpe_jax.tasks.segmentation import SegDataset
 from rpe_jax.tasks.sites import SITES
 
-SCHEMES = ("masks", "sites")
+SCHEMES = ("masks", "sites", "tfds-masks")
 SPLITS = ("train", "val", "test", "all")
 PER_SITE = 160          # phantoms per built-in site: 96 / 32 / 32, a fraction of a second
 _BUILTIN_SIZE = 32
 _FILE_FRACTIONS = (0.7, 0.15)    # train, val; test is the rest
 _BUILTIN_FRACTIONS = (0.6, 0.2)
+_TFDS_FRACTIONS = (0.8, 0.1)     # as the classification tfds: URIs
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
 
 
@@ -59,13 +75,23 @@ def _subset(ds: SegDataset, index, name: str) -> SegDataset:
   return SegDataset(ds.images[index], None if ds.masks is None else ds.masks[index], name)
 
 
-def _split(ds: SegDataset, fractions, seed: int) -> SegSplits:
-  """Train/val/test by a seeded permutation: the same draw as ``images._split_fractions``."""
-  n = len(ds.images)
+def _seeded_parts(n: int, fractions, seed: int) -> tuple:
+  """Train/val/test indices by a seeded permutation: the same draw as
+  ``images._split_fractions``."""
   perm = np.random.default_rng(seed).permutation(n)
   n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
   parts = (perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:])
-  return SegSplits(*(_subset(ds, np.sort(p), f"{ds.name}[{s}]")
+  return tuple(np.sort(p) for p in parts)
+
+
+def _consecutive_parts(lengths) -> tuple:
+  """Train/val/test indices of a dataset that is its three splits concatenated."""
+  ends = np.cumsum(lengths)
+  return tuple(np.arange(end - n, end) for n, end in zip(lengths, ends))
+
+
+def _split(ds: SegDataset, parts) -> SegSplits:
+  return SegSplits(*(_subset(ds, p, f"{ds.name}[{s}]")
                      for p, s in zip(parts, SegSplits._fields)))
 
 
@@ -85,17 +111,21 @@ def _scheme(uri: str) -> tuple[str, str]:
 
 
 def _read(uri: str, data_root: str | None, seed: int) -> tuple[SegDataset, tuple]:
-  """The whole dataset ``uri`` names and its split fractions."""
+  """The whole dataset ``uri`` names and its train/val/test indices."""
   scheme, rest = _scheme(uri)
+  if scheme == "tfds-masks":
+    return _read_tfds(rest, uri, data_root, seed)
   if scheme == "masks":
-    return _read_masks(rest, uri, data_root), _FILE_FRACTIONS
-  return _read_site(rest, uri, seed), _BUILTIN_FRACTIONS
+    ds, fractions = _read_masks(rest, uri, data_root), _FILE_FRACTIONS
+  else:
+    ds, fractions = _read_site(rest, uri, seed), _BUILTIN_FRACTIONS
+  return ds, _seeded_parts(len(ds.images), fractions, seed)
 
 
 def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> SegSplits:
   """The train/val/test splits of the dataset ``uri`` names (see the module docstring)."""
-  ds, fractions = _read(uri, data_root, seed)
-  return _split(ds, fractions, seed)
+  ds, parts = _read(uri, data_root, seed)
+  return _split(ds, parts)
 
 
 def load(uri: str, split: str = "test", *, data_root: str | None = None,
@@ -218,6 +248,13 @@ def _read_mask(path: str) -> np.ndarray:
   return (x != 0).any(axis=-1) if x.ndim == 3 else x != 0
 
 
+def _rgb_if_any(images: list) -> list:
+  """Gray images repeated to RGB (lossless) when any image is RGB: one channel count."""
+  if any(x.shape[-1] == 3 for x in images):
+    return [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
+  return images
+
+
 def _hw(x: np.ndarray) -> str:
   return f"{x.shape[0]}×{x.shape[1]}"
 
@@ -244,8 +281,7 @@ def _read_masks(rest: str, uri: str, data_root: str | None) -> SegDataset:
     if x.shape[:2] != images[0].shape[:2]:
       raise DatasetError(f"image {image_files[s]} is {_hw(x)} but {first} is {_hw(images[0])}; "
                          "all images must have one size")
-  if any(x.shape[-1] == 3 for x in images):
-    images = [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
+  images = _rgb_if_any(images)
   masks = None
   if mask_files is not None:
     masks = [_read_mask(mask_files[s]) for s in stems]
@@ -281,3 +317,133 @@ def _read_site(rest: str, uri: str, seed: int) -> SegDataset:
   # load_site's generator, all of it as one pool (its own two-way split is the benchmarks').
   whole = segmentation.load_site(site, size=size, n_train=PER_SITE, n_test=0, seed=seed).train
   return whole._replace(name=uri)
+
+
+# --- tensorflow-datasets -------------------------------------------------------------------
+
+_TFDS_IMAGE, _TFDS_MASK = "image", "segmentation_mask"
+_FOREGROUND = re.compile(r"\d+(,\d+)*")
+
+
+def _tfds_parts(rest: str, uri: str) -> tuple[str, str | None, tuple[int, ...] | None]:
+  """``<name>[:<split>][:<foreground values>]`` → (name, split or None, values or None): the
+  last field is the values when it is digits and commas alone, the rest after the name the
+  split (which may hold ":", as a slice ``train[:80%]`` does)."""
+  name, sep, tail = rest.partition(":")
+  if not name or (sep and not tail):
+    raise DatasetError(f"{uri!r}: expected tfds-masks:<name>[:<split>][:<foreground values>]")
+  split, values = tail, None
+  head, sep, last = tail.rpartition(":")
+  if _FOREGROUND.fullmatch(last):
+    if sep and not head:
+      raise DatasetError(f"{uri!r}: empty split; expected "
+                         "tfds-masks:<name>[:<split>][:<foreground values>]")
+    split, values = head, tuple(sorted({int(v) for v in last.split(",")}))
+  return name, split or None, values
+
+
+def _import_tfds(uri: str):
+  try:
+    import tensorflow_datasets as tfds  # lazy: optional dependency
+  except ImportError as e:
+    raise DatasetError(f"{uri!r} needs tensorflow-datasets "
+                       "(pip install tensorflow-datasets)") from e
+  return tfds
+
+
+def _tfds_builder(tfds, name: str, uri: str, data_root: str | None):
+  """The dataset's builder, refused unless it has the image and mask features."""
+  try:
+    builder = tfds.builder(name, data_dir=data_root)
+  except Exception as e:  # DatasetNotFoundError lists every dataset: keep the first line
+    raise DatasetError(f"{uri!r}: {_one_line(e)}") from e
+  features = list(builder.info.features)
+  missing = [k for k in (_TFDS_IMAGE, _TFDS_MASK) if k not in features]
+  if missing:
+    raise DatasetError(f"{uri!r}: dataset {name!r} has no {' or '.join(map(repr, missing))} "
+                       f"feature (features: {', '.join(features)})")
+  return builder
+
+
+def _tfds_splits(builder, uri: str) -> list[str]:
+  """train / validation / test when the dataset has all three, else train alone."""
+  available = list(builder.info.splits) or ["train", "validation", "test"]
+  if "train" not in available:
+    raise DatasetError(f"{uri!r} has no train split (splits: {available}); name one")
+  val = next((s for s in ("validation", "val", "valid") if s in available), None)
+  return ["train", val, "test"] if val and "test" in available else ["train"]
+
+
+def _tfds_records(tfds, name: str, split: str, uri: str, data_root: str | None) -> list:
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_root, download=False)
+    records = [source[i] for i in range(len(source))]
+  except Exception as e:
+    raise DatasetError(f"{uri!r}: cannot read split {split!r} from data dir "
+                       f"{data_root}: {_one_line(e)}") from e
+  if not records:
+    raise DatasetError(f"{uri!r}: split {split!r} is empty")
+  return records
+
+
+def _tfds_image(x, where: str) -> np.ndarray:
+  """One record's image as float32 [H, W, 1|3] in [0, 1]."""
+  x = np.asarray(x)
+  if x.ndim == 2:
+    x = x[..., None]
+  if x.ndim != 3 or x.shape[-1] not in (1, 3):
+    raise DatasetError(f"{where}: image of shape {x.shape}; expected [H, W] or [H, W, 1|3]")
+  return _unit_range(x, where)
+
+
+def _tfds_mask(x, values, where: str) -> np.ndarray:
+  """One record's mask as bool [H, W]: its value in ``values`` (None: nonzero)."""
+  x = np.asarray(x)
+  if x.ndim == 3 and x.shape[-1] == 1:
+    x = x[..., 0]
+  if x.ndim != 2:
+    raise DatasetError(f"{where}: mask of shape {x.shape}; expected [H, W] or [H, W, 1]")
+  return x != 0 if values is None else np.isin(x, values)
+
+
+def _resize_image(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """float32 [H, W, C] → [h, w, C], bilinear (PIL, each channel as a float image, so no
+  rounding to 8 bits)."""
+  if x.shape[:2] == tuple(hw):
+    return x
+  from PIL import Image
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c], np.float32))
+                         .resize((hw[1], hw[0]), Image.BILINEAR)) for c in range(x.shape[-1])]
+  return np.clip(np.stack(channels, axis=-1), 0, 1).astype(np.float32)
+
+
+def _resize_mask(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """bool [H, W] → [h, w], nearest: every pixel is one of the mask's (no new labels)."""
+  if m.shape == tuple(hw):
+    return m
+  from PIL import Image
+  return np.asarray(Image.fromarray(m.astype(np.uint8)).resize((hw[1], hw[0]),
+                                                                Image.NEAREST)) != 0
+
+
+def _read_tfds(rest: str, uri: str, data_root: str | None, seed: int):
+  """The examples of the splits ``uri`` names, one size (the first image's), and their
+  train/val/test indices: the dataset's own splits, or seeded fractions of one split."""
+  name, split, values = _tfds_parts(rest, uri)
+  tfds = _import_tfds(uri)
+  builder = _tfds_builder(tfds, name, uri, data_root)
+  splits = [split] if split else _tfds_splits(builder, uri)
+  images, masks, lengths = [], [], []
+  for s in splits:
+    records = _tfds_records(tfds, name, s, uri, data_root)
+    lengths.append(len(records))
+    for i, r in enumerate(records):
+      where = f"{uri!r} split {s!r} example {i}"
+      images.append(_tfds_image(r[_TFDS_IMAGE], where))
+      masks.append(_tfds_mask(r[_TFDS_MASK], values, where))
+  hw = images[0].shape[:2]
+  images = _rgb_if_any([_resize_image(x, hw) for x in images])
+  ds = SegDataset(np.stack(images), np.stack([_resize_mask(m, hw) for m in masks]), uri)
+  if len(lengths) == 3:
+    return ds, _consecutive_parts(lengths)
+  return ds, _seeded_parts(len(ds.images), _TFDS_FRACTIONS, seed)
