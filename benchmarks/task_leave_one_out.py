@@ -69,7 +69,7 @@ def build_library(task, tm, members: dict[str, str], options, folder: Path, *,
               pooling=task.pooling,
               metadata={"task": task.name, "data": uri, "train": trained.summary})
       s = trained.summary
-      print(f"trained {name}: val {task.metric} {s['initial_val']:.3f} → {s['best_val']:.3f} "
+      print(f"trained {name}: val {task.metric} {s['initial_val']:.3f} → {s['val']:.3f} "
             f"({s['steps']} steps, {time.perf_counter() - t0:.0f} s)", flush=True)
     lib.close()
 

@@ -128,7 +128,7 @@ def _add_to_library(args, task, tm, trained) -> dict:
                     n_samples=proto.n, pooling=task.pooling, replace=args.replace,
                     metadata={"task": task.name, "data": args.data, "model": args.model,
                               "kind": args.kind, "rank": args.rank,
-                              f"val_{task.metric}": trained.summary["best_val"]})
+                              f"val_{task.metric}": trained.summary["val"]})
   return {"library": str(Path(args.add)), "name": entry.name, "base_model": base,
           "encoder": encoder, "n_samples": proto.n}
 
@@ -160,15 +160,15 @@ def run(args) -> int:
       _write_atomic(head_path, save(trained.head))
   s, metric = trained.summary, task.metric
   summary = {"data": args.data, "model": args.model, "task": task.name, "metric": metric,
-             f"initial_val_{metric}": s["initial_val"], f"best_val_{metric}": s["best_val"],
+             f"initial_val_{metric}": s["initial_val"], f"val_{metric}": s["val"],
              f"test_{metric}": s["test"], "head_trained": trained.head is not None,
              "out": args.out, "library": added,
              **{k: v for k, v in s.items()
-                if k not in ("metric", "initial_val", "best_val", "test", "head_trained")}}
+                if k not in ("metric", "initial_val", "val", "test", "head_trained")}}
   if args.json:
     print(json.dumps(summary, indent=2))
   else:
-    print(f"{args.data}: val {metric} {s['initial_val']:.4f} → {s['best_val']:.4f}, test "
+    print(f"{args.data}: val {metric} {s['initial_val']:.4f} → {s['val']:.4f}, test "
           f"{s['test']:.4f}" + (f"; adapter → {args.out}" if args.out else "")
           + (f"; added {args.name!r} to {args.add}" if added else ""))
   return 0

@@ -162,8 +162,9 @@ def library(model):
 def held_out_rows(task, tm, lib, target, held_out: str, *, k: int, lam1: float,
                   lam2: float, predict_options: dict | None = None) -> list[dict]:
   """The demo's table for any task: the held-out ``target`` scored for the pretrained
-  model, every strategy's composition of the other members' adapters (weights from the
-  target's prototype alone: no label of it is used) and the member's own adapter (SFT)."""
+  model, the composition of the other members' adapters by each of the demo's
+  ``STRATEGIES`` (weights from the target's prototype alone: no label of it is used) and
+  the member's own adapter (SFT)."""
   from rpe_jax.compose import combine, with_adapter
   from rpe_jax.pipeline import compose_targets
   options = predict_options or {}

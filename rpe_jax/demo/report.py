@@ -98,7 +98,7 @@ def library(tm):
         lib.add(modality, trained.adapter, proto.z, base_model=BASE_MODEL, encoder=ENCODER,
                 n_samples=proto.n, pooling=task.pooling,
                 metadata={"data": _uri(modality), "task": task.name,
-                          "val_rouge_l": trained.summary["best_val"],
+                          "val_rouge_l": trained.summary["val"],
                           "initial_val_rouge_l": trained.summary["initial_val"]})
       lib.close()
 

@@ -343,7 +343,7 @@ class ClassificationTask(Task):
     test = evaluate(result.model, splits.test, normalization=tm.normalization)
     return Trained(result.adapter, result.head, result.model, {
         "metric": self.metric, "initial_val": result.initial_val_accuracy,
-        "best_val": result.best_val_accuracy, "test": test,
+        "val": result.best_val_accuracy, "test": test,
         "best_epoch": result.best_epoch, "head_trained": result.head is not None,
         "n_train": len(splits.train), "history": result.history})
 

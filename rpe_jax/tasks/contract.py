@@ -60,7 +60,10 @@ class Trained(NamedTuple):
   adapter: dict             # exchange form
   head: dict | None         # a trained classification head, else None
   model: Any                # the model carrying the adapter (and head)
-  summary: dict             # JSON-able: metric before / after, epochs, steps ...
+  summary: dict             # JSON-able: "metric"; "initial_val" (the base's val score);
+                            # "val", the returned adapter's (classification: the best
+                            # epoch's; segmentation and report: after the last step);
+                            # "test"; epochs, steps ...
 
 
 class Task(abc.ABC):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rpe_jax.tasks.contract import Task, TaskModel, model_task_name, uri_task_name
+from rpe_jax.tasks.contract import (TASK_NAMES, Task, TaskModel, model_task_name,
+                                    uri_task_name)
 
 
 def task_named(name: str) -> Task:

@@ -644,7 +644,7 @@ class ReportTask(Task):
     before = val(tm.model)
     result = train_adapter(tm.model, data, config)
     return Trained(result.adapter, None, result.model, {
-        "metric": self.metric, "initial_val": before, "best_val": val(result.model),
+        "metric": self.metric, "initial_val": before, "val": val(result.model),
         "test": self.score(self.predict(TaskModel(result.model, codec=codec), splits.test),
                            splits.test)["rouge_l"],
         "steps": steps, "n_train": len(reports), "final_loss": float(result.losses[-1])})

@@ -432,7 +432,7 @@ class SegmentationTask(Task):
     result = train(tm.model, splits.train, config)
     return Trained(adapter_of(result.model), None, result.model, {
         "metric": self.metric, "initial_val": before,
-        "best_val": evaluate_dice(result.model, splits.val, prompt=options.prompt),
+        "val": evaluate_dice(result.model, splits.val, prompt=options.prompt),
         "test": evaluate_dice(result.model, splits.test, prompt=options.prompt),
         "steps": config.steps, "n_train": n, "prompt": options.prompt,
         "final_loss": float(result.losses[-1])})
