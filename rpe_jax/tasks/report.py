@@ -41,75 +41,15 @@ from models.lora import LoRAParam, init_adapters
 from rpe_jax.compose import adapter_of, with_adapter
 from rpe_jax.prototypes import Prototype
 from rpe_jax.tasks.contract import Task, TaskModel, Trained
+from rpe_jax.tasks.report_data import (  # noqa: F401  (re-exported: the task's data)
+    MODALITIES, Report, read_jsonl, synthetic_reports, write_jsonl)
 from rpe_jax.training import OptimConfig, fit
 
 # --- Data -----------------------------------------------------------------------------
 
 
-class Report(NamedTuple):
-  findings: str
-  impression: str | None    # None: an unlabeled report (a target to compose for)
-
-
-def _jsonl_lines(path: Path):
-  """(line number, text) of the non-blank lines of a UTF-8 JSONL file.
-
-  Lines end at "\n" only: ``str.splitlines`` would also cut at U+2028 and other separators
-  that JSON allows inside a string.
-  """
-  try:
-    data = path.read_bytes()
-  except FileNotFoundError:
-    raise ValueError(f"{path}: no such file") from None
-  except OSError as e:
-    raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data[:e.start].count(b"\n") + 1
-    raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
-  return [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
-
-
-def read_jsonl(path, *, require_impression: bool = True) -> list[Report]:
-  """Reports from a JSONL file of {"findings": str, "impression": str} objects.
-
-  With ``require_impression=False`` the impressions may be left out, in every line (an
-  unlabeled dataset: impressions None) or in none: a file mixing the two is an error naming
-  the first line that differs, as a half-labeled dataset is most likely a mistake.
-  """
-  path = Path(path)
-  reports, first_labeled = [], None
-  for n, line in _jsonl_lines(path):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-      raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-    labeled = "impression" in row
-    for key in ("findings", "impression") if require_impression or labeled else ("findings",):
-      if not isinstance(row.get(key), str) or not row[key].strip():
-        raise ValueError(f"{path}:{n}: {key!r} must be a non-empty string")
-    if first_labeled is None:
-      first_labeled = (labeled, n)
-    elif labeled != first_labeled[0]:
-      has, other = ("an", "none") if labeled else ("no", "one")
-      raise ValueError(f"{path}:{n}: has {has} 'impression' but line {first_labeled[1]} has "
-                       f"{other}; give every report an impression or none")
-    reports.append(Report(row["findings"], row.get("impression")))
-  if not reports:
-    raise ValueError(f"{path}: no reports")
-  return reports
-
-
-def write_jsonl(path, reports: Sequence[Report]) -> Path:
-  """One JSON object per line; an unlabeled report (impression None) has no "impression"."""
-  path = Path(path)
-  rows = ({"findings": r.findings} if r.impression is None
-          else {"findings": r.findings, "impression": r.impression} for r in reports)
-  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-  return path
+# ``Report``, ``read_jsonl`` / ``write_jsonl`` and the synthetic modalities live in
+# ``rpe_jax.tasks.report_data`` (the task's data) and are re-exported here.
 
 
 # Instruction templates: an instruction, then "Findings: ...", then "Impression:".
@@ -530,54 +470,6 @@ def bert_score(predictions: Sequence[str], references: Sequence[str], model_dir:
     for out, values in zip((p, r, f), scores):
       out[keep] = values.numpy()
   return BertScore(float(p.mean()), float(r.mean()), float(f.mean()), f)
-
-
-# --- Synthetic report modalities ------------------------------------------------------
-
-# Each modality: (exam, sites, abnormalities, filler sentences). Impressions share one
-# phrasing across modalities, so what one modality's adapter learns transfers in part.
-MODALITIES = {
-    "ct_chest": ("CT of the chest", ("right upper lobe", "left lower lobe", "lingula",
-                                     "right middle lobe"),
-                 ("nodule", "consolidation", "ground glass opacity", "mass"),
-                 ("The heart size is normal.", "No pleural effusion.",
-                  "The airways are patent.")),
-    "mri_brain": ("MRI of the brain", ("left frontal lobe", "right parietal lobe",
-                                       "cerebellum", "left temporal lobe"),
-                  ("lesion", "infarct", "hemorrhage", "mass"),
-                  ("The ventricles are normal in size.", "No midline shift.",
-                   "The orbits are unremarkable.")),
-    "us_abdomen": ("Ultrasound of the abdomen", ("liver", "right kidney", "gallbladder",
-                                                 "spleen"),
-                   ("cyst", "stone", "lesion", "mass"),
-                   ("The pancreas is obscured by bowel gas.", "No free fluid.",
-                    "The aorta is normal in caliber.")),
-    "xr_knee": ("Radiograph of the knee", ("medial compartment", "patella",
-                                           "lateral compartment", "tibial plateau"),
-                ("fracture", "effusion", "osteophyte", "lesion"),
-                ("Bone mineralization is normal.", "No soft tissue swelling.",
-                 "Alignment is anatomic.")),
-}
-_SIZES = ("small", "moderate", "large")
-
-
-def synthetic_reports(modality: str, n: int, seed: int = 0) -> list[Report]:
-  """``n`` synthetic (findings, impression) pairs of one ``MODALITIES`` entry."""
-  if modality not in MODALITIES:
-    raise ValueError(f"unknown modality {modality!r}; choose one of {sorted(MODALITIES)}")
-  exam, sites, kinds, fillers = MODALITIES[modality]
-  rng = np.random.default_rng((seed, sorted(MODALITIES).index(modality)))
-  reports = []
-  for _ in range(n):
-    extra = " ".join(rng.permutation(fillers)[:2])
-    if rng.random() < 0.2:
-      reports.append(Report(f"{exam}. No abnormality is seen. {extra}",
-                            "No acute abnormality."))
-      continue
-    size, site, kind = rng.choice(_SIZES), rng.choice(sites), rng.choice(kinds)
-    reports.append(Report(f"{exam}. There is a {size} {kind} in the {site}. {extra}",
-                          f"{size.capitalize()} {kind} in the {site}."))
-  return reports
 
 
 # --- The task contract ----------------------------------------------------------------

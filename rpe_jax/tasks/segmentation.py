@@ -35,111 +35,15 @@ from models.lora import LoRAParam, init_adapters
 from models.sam import DECODER_TARGETS, ENCODER_TARGETS, SamConfig, SamModel
 from models.sam_decoder import SamMaskDecoderConfig, SamPromptEncoderConfig
 from models.sam_encoder import SamVisionConfig
-from rpe_jax.tasks import sites
 from rpe_jax.tasks.contract import Task, Trained
-from rpe_jax.tasks.sites import SITES
+from rpe_jax.tasks.seg_data import (  # noqa: F401  (re-exported: the task's data)
+    SegDataset, SiteSplits, _anatomy, _require_masks, apply_site, check_dataset, load_site)
+from rpe_jax.tasks.sites import SITES  # noqa: F401  (re-exported)
 from rpe_jax.training import OptimConfig, fit
 
 PROMPTS = ("box", "none")
 
-class SegDataset(NamedTuple):
-  """images float32 [N, H, W, C] in [0, 1] (C = 1 gray or 3); masks bool [N, H, W], or None
-  for an unlabeled dataset (a target to compose for: its prototype needs no masks); a name.
-  Datasets by URI: ``rpe_jax.tasks.seg_data``."""
-
-  images: np.ndarray
-  masks: np.ndarray | None
-  name: str
-
-
-def check_dataset(ds: SegDataset) -> SegDataset:
-  images = np.asarray(ds.images)
-  masks = None if ds.masks is None else np.asarray(ds.masks)
-  if images.ndim != 4 or (masks is not None and masks.shape != images.shape[:3]):
-    raise ValueError(f"dataset {ds.name!r}: images must be [N, H, W, C] and masks [N, H, W], "
-                     f"got {images.shape} and {None if masks is None else masks.shape}")
-  if len(images) == 0:
-    raise ValueError(f"dataset {ds.name!r} is empty")
-  if not np.all(np.isfinite(images)):
-    raise ValueError(f"dataset {ds.name!r}: images contain NaN or Inf")
-  return SegDataset(images.astype(np.float32), None if masks is None else masks.astype(bool),
-                    ds.name)
-
-
-def _require_masks(ds: SegDataset, why: str, hint: str = "") -> None:
-  """Ground truth is needed for box prompts, DICE and training; an unlabeled dataset has none."""
-  if ds.masks is None:
-    raise ValueError(f"{why}; dataset {ds.name!r} has none{hint}")
-
-
-# --- the built-in family ----------------------------------------------------------------------
-
-def _anatomy(n: int, size: int, rng: np.random.Generator):
-  """Clean images [n, size, size] and organ masks [n, size, size] before any site shift."""
-  t = (np.arange(size) + 0.5) / size * 2 - 1
-  yy, xx = np.meshgrid(t, t, indexing="ij")
-  images = np.empty((n, size, size), np.float32)
-  masks = np.empty((n, size, size), bool)
-  for i in range(n):
-    # Body outline and smooth tissue texture.
-    body = (xx / 0.92) ** 2 + (yy / 0.82) ** 2 < 1
-    k = rng.normal(size=(3, 2))
-    tissue = 0.38 + 0.06 * np.sin(3 * (k[0, 0] * xx + k[0, 1] * yy) + k[1, 0]) \
-        + 0.04 * np.cos(5 * (k[2, 0] * xx + k[2, 1] * yy))
-    # The organ: r(θ) = r0 (1 + Σ a_j cos(jθ + φ_j)) in a rotated, stretched frame.
-    cy, cx = rng.uniform(-0.35, 0.35, 2)
-    r0, aspect, angle = rng.uniform(0.2, 0.34), rng.uniform(0.7, 1.3), rng.uniform(0, np.pi)
-    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
-    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-    r, theta = np.hypot(u * aspect, v / aspect), np.arctan2(v, u)
-    lobes = sum(rng.normal(0, 0.07) * np.cos(j * theta + rng.uniform(0, 2 * np.pi))
-                for j in (2, 3, 4))
-    organ = r < r0 * (1 + lobes)
-    # The distractor: a dark disc that does not touch the organ.
-    for _ in range(20):
-      dy, dx = rng.uniform(-0.55, 0.55, 2)
-      rd = rng.uniform(0.12, 0.2)
-      disc = (xx - dx) ** 2 + (yy - dy) ** 2 < rd ** 2
-      if not np.any(disc & np.pad(organ, 1)[1:-1, 1:-1]) and not np.any(
-          disc & (np.hypot(xx - cx, yy - cy) < r0 * 1.5)):
-        break
-    x = np.where(body, tissue, 0.05)
-    texture = 0.05 * np.sin(9 * u + 2 * k[1, 1]) * np.cos(7 * v)
-    x = np.where(organ, 0.78 + texture, x)
-    x = np.where(disc, 0.12, x)
-    images[i], masks[i] = x, organ
-  return images, masks
-
-
-def apply_site(images: np.ndarray, masks: np.ndarray, site: str, *, seed: int = 0):
-  """Apply the acquisition shift of ``site`` (``rpe_jax.tasks.sites``) to clean images
-  [N, H, W] (masks follow only the geometric part). Returns (images float32 [N, H, W, 1] in
-  [0, 1], masks bool [N, H, W])."""
-  if site not in SITES:
-    raise ValueError(f"unknown segmentation site {site!r}; sites: {', '.join(SITES)}")
-  rng = np.random.default_rng([seed, sites.site_index(site), 7])
-  x, m = sites.render(images.astype(np.float64), site, images.shape[1], rng, masks=masks)
-  return x.astype(np.float32)[..., None], m
-
-
-class SegSplits(NamedTuple):
-  train: SegDataset
-  test: SegDataset
-
-
-def load_site(site: str, *, size: int = 32, n_train: int = 96, n_test: int = 64,
-              seed: int = 0) -> SegSplits:
-  """One site of the built-in family: fresh anatomy per site (seeded by site and seed)."""
-  if site not in SITES:
-    raise ValueError(f"unknown segmentation site {site!r}; sites: {', '.join(SITES)}")
-  if size < 16:
-    raise ValueError(f"size must be >= 16, got {size}")
-  rng = np.random.default_rng([seed, list(SITES).index(site), 3])
-  clean, masks = _anatomy(n_train + n_test, size, rng)
-  images, masks = apply_site(clean, masks, site, seed=seed)
-  name = f"seg:{site}"
-  return SegSplits(SegDataset(images[:n_train], masks[:n_train], f"{name}/train"),
-                   SegDataset(images[n_train:], masks[n_train:], f"{name}/test"))
+# The data (the dataset type and the built-in family) lives in ``rpe_jax.tasks.seg_data``.
 
 
 def base_config(size: int = 32) -> SamConfig:
