@@ -371,24 +371,62 @@ class LoRAParam(nnx.Param):
   """
 
 
+class LoRAGate(nnx.Variable):
+  """A per-sample gate g [B, r] on an adapted layer's rank axis (see `Linear`).
+
+  Deliberately not a ``LoRAParam`` (nor an ``nnx.Param``): it is data a mixture fixes, not
+  a weight, so ``nnx.state(model, LoRAParam)`` — what training selects — never holds it.
+  """
+
+
+def gate_rows(h: jax.Array, g: jax.Array, fold: int = 1) -> jax.Array:
+  """h ⊙ g with sample b's gate row on every row of h that belongs to sample b.
+
+  h [N, ..., r] (N = B · fold, sample-major: rows b·fold … b·fold + fold − 1 are sample b),
+  g [B, r]. Every axis between the leading one and the rank axis (tokens, grid, prompts)
+  shares its sample's gate: h[n, ..., j] · g[n // fold, j].
+  """
+  if h.ndim < 2:
+    raise ValueError("a per-sample gate needs an input [N, ..., in] with a leading batch "
+                     "axis, got a single vector")
+  n, batch = h.shape[0], g.shape[0]
+  if n != batch * fold:
+    rows = f"{batch} samples" if fold == 1 else f"{batch} samples × {fold} rows per sample"
+    raise ValueError(f"per-sample gate batch mismatch: the gate has {rows} = {batch * fold} "
+                     f"rows, but the layer's input has leading axis {n}; build the mixture "
+                     f"with one weight row per input (with_mixture(model, adapters, "
+                     f"weights [B, n]))")
+  g = g.astype(h.dtype).reshape((batch, 1) + (1,) * (h.ndim - 2) + (g.shape[-1],))
+  return (h.reshape((batch, fold) + h.shape[1:]) * g).reshape(h.shape)
+
+
 class Linear(nnx.Module):
   """A linear layer y = x @ W + bias that can carry an adapter leaf unmerged.
 
   With an adapter the forward pass is x @ W + bias + (x @ a) @ b (SVD-LoRA: ((x @ a) · e) @ b),
   for any rank, so a rank-concatenated composition runs without forming δW.
+
+  With a per-sample gate g [B, r] as well (`set_gate`; ``rpe_jax.compose.mixture`` sets it)
+  the rank axis is scaled per input: y_b = x_b W + bias + ((x_b a) ⊙ g_b) b. With a the
+  rank concatenation [a_1 … a_n] of n adapters and g_b = [w_b1 1_{r_1}, …, w_bn 1_{r_n}],
+  that is x_b (W + Σ_i w_bi a_i b_i): each input gets its own exact composition.
+  ``batch_fold``: how many leading rows of this layer's input each sample owns, sample-major
+  (1 almost everywhere; SAM's windowed attention sees [B · windows, ...]).
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs, batch_fold: int = 1):
     init = nnx.initializers.lecun_normal()
     self.in_features = in_features
     self.out_features = out_features
+    self.batch_fold = int(batch_fold)
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
     self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None)
     # Adapter slots are data attributes even while empty, so one can be installed later.
     self.lora_a = nnx.data(None)
     self.lora_e = nnx.data(None)
     self.lora_b = nnx.data(None)
+    self.lora_g = nnx.data(None)
 
   @property
   def adapter(self) -> Adapter | None:
@@ -399,8 +437,15 @@ class Linear(nnx.Module):
       return LoRA(self.lora_a[...], self.lora_b[...])
     return SVDLoRA(self.lora_a[...], self.lora_e[...], self.lora_b[...])
 
+  @property
+  def gate(self) -> jax.Array | None:
+    """The per-sample gate g [B, r] this layer carries, or None."""
+    return None if self.lora_g is None else self.lora_g[...]
+
   def set_adapter(self, adapter: Adapter | None) -> None:
-    """Install (or with None remove) an adapter leaf, checking its shape against the kernel."""
+    """Install (or with None remove) an adapter leaf, checking its shape against the kernel.
+    Any per-sample gate is removed too: it belonged to the previous adapter's rank axis."""
+    self.lora_g = None
     if adapter is None:
       self.lora_a = self.lora_e = self.lora_b = None
       return
@@ -413,15 +458,33 @@ class Linear(nnx.Module):
     self.lora_b = LoRAParam(adapter.b)
     self.lora_e = LoRAParam(adapter.e) if isinstance(adapter, SVDLoRA) else None
 
+  def set_gate(self, gate: jax.Array | None) -> None:
+    """Install (or with None remove) a per-sample gate g [B, r] on the adapter's rank axis."""
+    if gate is None:
+      self.lora_g = None
+      return
+    if self.lora_a is None:
+      raise ValueError("set_gate: the layer carries no adapter to gate")
+    gate = jnp.asarray(gate)
+    rank = self.lora_a[...].shape[-1]
+    if gate.ndim != 2 or gate.shape[1] != rank or gate.shape[0] < 1:
+      raise ValueError(f"set_gate: the gate must be [B, r={rank}] (the adapter's rank), "
+                       f"got shape {tuple(gate.shape)}")
+    self.lora_g = LoRAGate(gate)
+
   def merge(self) -> None:
     """Fold the adapter into the kernel (W ← W + δW, computed in float32 or wider) and drop it.
 
     The kernel Variable is replaced, not written in place, so a model that shares the old
     Variable (``nnx.merge(..., copy=False)``) keeps its kernel; metadata is carried over.
+    A per-sample mixture (a gated adapter) has no one kernel to fold into: it raises.
     """
     adapter = self.adapter
     if adapter is None:
       return
+    if self.lora_g is not None:
+      raise ValueError("merge: the layer carries a per-sample mixture (a gated adapter); "
+                       "each input has its own update, so there is no one kernel to merge")
     self.add_to_kernel(adapter)
     self.set_adapter(None)
 
@@ -445,6 +508,8 @@ class Linear(nnx.Module):
       h = x @ self.lora_a[...]
       if self.lora_e is not None:
         h = h * self.lora_e[...]
+      if self.lora_g is not None:
+        h = gate_rows(h, self.lora_g[...], self.batch_fold)
       y = y + h @ self.lora_b[...]
     return y
 

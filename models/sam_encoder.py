@@ -112,8 +112,11 @@ class VisionAttention(nnx.Module):
     self.attention_impl = attention_impl
     self.num_heads = config.num_attention_heads
     self.head_dim = dim // self.num_heads
-    self.qkv = Linear(dim, 3 * dim, use_bias=config.qkv_bias, rngs=rngs)
-    self.proj = Linear(dim, dim, rngs=rngs)
+    # Windowed attention runs on [B · windows, s, s, C] (`window_partition`, image-major):
+    # a per-sample adapter gate spreads each image's row over its windows.
+    fold = 1 if window_size == 0 else math.ceil(config.grid_size / window_size) ** 2
+    self.qkv = Linear(dim, 3 * dim, use_bias=config.qkv_bias, rngs=rngs, batch_fold=fold)
+    self.proj = Linear(dim, dim, rngs=rngs, batch_fold=fold)
     self.use_rel_pos = config.use_rel_pos
     if self.use_rel_pos:
       self.rel_pos_h = nnx.Param(jnp.zeros((2 * size - 1, self.head_dim)))

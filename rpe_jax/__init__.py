@@ -9,6 +9,7 @@ rpe_jax`` stays fast and does not import JAX):
     compute_weights, Weights, STRATEGIES   weighting strategies (rpe_jax.weighting)
     lambda_path, LambdaPath                every λ2 of ``sparse`` in one batched solve
     combine, with_adapter, merge_into, adapter_of    exact composition (rpe_jax.compose)
+    with_mixture, mixture_weights          per-input compositions in one batched forward
     medlego_merge, task_arithmetic, ties_merge, lora_average   merging (rpe_jax.merge)
     compose_targets, ComposeResult         the main job as a function (rpe_jax.pipeline)
     fit, OptimConfig                       the training core (rpe_jax.training)
@@ -37,6 +38,8 @@ _API = {
     "with_adapter": "rpe_jax.compose",
     "merge_into": "rpe_jax.compose",
     "adapter_of": "rpe_jax.compose",
+    "with_mixture": "rpe_jax.compose.mixture",
+    "mixture_weights": "rpe_jax.compose.mixture",
     "medlego_merge": "rpe_jax.merge",
     "task_arithmetic": "rpe_jax.merge",
     "ties_merge": "rpe_jax.merge",

@@ -10,6 +10,9 @@ Composition is exact, layer by layer:
 never (Σ w_i a_i)(Σ w_i b_i), which adds cross terms a_i b_j. The optional re-truncation
 is the factored one of ``models.lora.truncate`` (QR of the stacked factors, SVD of the
 small Σr × Σr core), so no dense [in, out] matrix is ever formed.
+
+Per-sample mixtures — each input of a batch with its own composition, in one forward pass —
+are ``rpe_jax.compose.mixture``.
 """
 
 from __future__ import annotations
@@ -159,6 +162,15 @@ def merge_into(model: nnx.Module, adapter) -> nnx.Module:
 
 
 def adapter_of(model: nnx.Module) -> dict:
-  """The exchange-form tree of the adapters ``model`` carries (empty dict when none)."""
-  return from_flat({path: layer.adapter for path, layer in adapted_layers(model).items()
+  """The exchange-form tree of the adapters ``model`` carries (empty dict when none).
+
+  A per-sample mixture (``rpe_jax.compose.mixture.with_mixture``) has no one adapter:
+  each input has its own, so it raises rather than return the ungated union."""
+  layers = adapted_layers(model)
+  gated = sorted(path for path, layer in layers.items() if layer.gate is not None)
+  if gated:
+    raise ValueError(f"adapter_of: the model carries a per-sample mixture (gated layers: "
+                     f"{', '.join(gated[:3])}{' ...' if len(gated) > 3 else ''}); each input "
+                     f"has its own adapter, combine(adapters, weights[b]) is input b's")
+  return from_flat({path: layer.adapter for path, layer in layers.items()
                     if layer.adapter is not None})
