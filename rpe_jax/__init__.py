@@ -12,6 +12,7 @@ rpe_jax`` stays fast and does not import JAX):
     with_mixture, mixture_weights          per-input compositions in one batched forward
     medlego_merge, task_arithmetic, ties_merge, lora_average   merging (rpe_jax.merge)
     compose_targets, ComposeResult         the main job as a function (rpe_jax.pipeline)
+    predict_per_sample, PerSampleResult    per-sample composition: one weight vector per input
     fit, OptimConfig                       the training core (rpe_jax.training)
     load_model                             an HF folder or a built-in name → model
 
@@ -45,6 +46,8 @@ _API = {
     "ties_merge": "rpe_jax.merge",
     "lora_average": "rpe_jax.merge",
     "compose_targets": "rpe_jax.pipeline",
+    "predict_per_sample": "rpe_jax.pipeline",
+    "PerSampleResult": "rpe_jax.pipeline",
     "ComposeResult": "rpe_jax.pipeline",
     "fit": "rpe_jax.training",
     "OptimConfig": "rpe_jax.training",

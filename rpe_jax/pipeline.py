@@ -204,3 +204,94 @@ def compose_targets(library, z, *, k, strategy, lam1=1.0, lam2=None, lam2_rel=No
                                 rank=rank, energy=energy))
     kept.append(names)
   return ComposeResult(found, w, composed, kept)
+
+
+class PerSampleResult(NamedTuple):
+  """What ``predict_per_sample`` returns for one target dataset of N inputs."""
+
+  retrieval: Any        # ``Library.query``'s result for the N inputs' features
+  weights: Any          # ``weighting.compute_weights``'s result: weights [N, k], status ...
+  union: list           # the adapters any input retrieved (the mixture's columns)
+  mixture: np.ndarray   # W [N, |union|]: input n's weight of each union adapter (0: not
+                        # retrieved)
+  predictions: Any      # the task's predictions, in dataset order
+  stats: dict           # JSON-able: distinct adapters per batch, weight statistics
+
+
+def _mixture_stats(union, mixture, batch: int) -> dict:
+  """How many adapters each batch used and how the per-input weights are spread."""
+  nonzero = mixture != 0
+  used = [int(nonzero[s:s + batch].any(axis=0).sum()) for s in range(0, len(mixture), batch)]
+  values = mixture[nonzero]
+  return {"inputs": int(len(mixture)), "union": [str(n) for n in union],
+          "batch_size": batch, "distinct_adapters_per_batch": used,
+          "nonzero_weights_per_input": {"mean": float(nonzero.sum(1).mean()),
+                                        "min": int(nonzero.sum(1).min()),
+                                        "max": int(nonzero.sum(1).max())},
+          "weight": {"min": float(values.min()), "max": float(values.max()),
+                     "mean": float(values.mean())},
+          "negative_fraction": float((values < 0).mean()),
+          "inputs_per_adapter": {str(n): int(c) for n, c in zip(union, nonzero.sum(0))}}
+
+
+def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, lam2=None,
+                       lam2_rel=None, encoder=None, exclude=(), base_model=None,
+                       pooling=None, evaluate=False, progress=False, clock=None,
+                       **options) -> tuple[PerSampleResult, dict | None]:
+  """Per-sample composition: every input of ``ds`` gets its own weights, and the batch
+  runs them all in one forward pass.
+
+  1. each input's pooled feature under the frozen base is its own prototype;
+  2. its k nearest library prototypes, all N inputs in one exact retrieval;
+  3. all N weight problems in one batched solve (any strategy);
+  4. the union U of the retrieved adapters and W [N, |U|] (``compose.mixture``): in batches
+     of ``task.predict_batch`` inputs, every adapted layer computes
+     x W0 + ((x A_U) ⊙ expand(W_b)) B_U, which for input n is exactly the forward of
+     ``combine(U, W[n])`` (``rpe_jax.compose.mixture.with_mixture``). U is the union over
+     the whole dataset, so every batch has the same shapes and compiles once.
+
+  Returns (PerSampleResult, metrics or None).
+  """
+  from rpe_jax import weighting
+  from rpe_jax.compose.mixture import mixture_weights, with_mixture
+  clock = clock or Clock()
+  with clock("features"):
+    z = task.features(task_model, ds, pooling=pooling, progress=progress)
+  with clock("retrieve"):
+    exclude = _one_base_model(library, None, encoder, base_model, exclude)
+    found = library.query(z, k, encoder=encoder, exclude=exclude)
+    _one_base_model(library, found, encoder, base_model, exclude)
+  with clock("weigh"):
+    w = weighting.compute_weights(found.references, z, strategy, lam1=lam1, lam2=lam2,
+                                  lam2_rel=lam2_rel, sqdist=found.distances)
+  union, mixture = mixture_weights(np.asarray(found.names), np.asarray(w.weights))
+  with clock("load"):
+    adapters = [library.load(str(name)) for name in union]
+  batch, n = task.predict_batch, len(z)
+  parts = []
+  starts = range(0, n, batch)
+  if progress:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc="predict per sample", unit="batch")
+  with clock("predict"):
+    for start in starts:
+      # The last batch is completed with copies of its last input (dropped after), so
+      # that every batch has the mixture's batch size.
+      index = np.minimum(np.arange(start, start + batch), n - 1)
+      try:
+        mixed = with_mixture(task_model.model, adapters, mixture[index].astype(np.float32))
+      except ValueError as e:
+        lines = str(e).splitlines()
+        raise ValueError("the retrieved adapters do not fit the model (adapters of another "
+                         f"base model?): {lines[min(1, len(lines) - 1)].strip()}") from None
+      out = task.predict(task_model._replace(model=mixed), task.subset(ds, index), **options)
+      parts.append(out[:min(batch, n - start)])
+  predictions = (np.concatenate(parts) if isinstance(parts[0], np.ndarray)
+                 else [p for part in parts for p in part])
+  metrics = None
+  if evaluate:
+    with clock("score"):
+      metrics = task.score(predictions, ds, **options)
+  result = PerSampleResult(found, w, list(union), mixture, predictions,
+                           _mixture_stats(union, mixture, batch))
+  return result, metrics

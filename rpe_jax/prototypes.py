@@ -49,18 +49,12 @@ def _images(dataset):
   return Arrays(images, np.zeros(len(images), np.int32))
 
 
-def feature_sum(model: nnx.Module | None, dataset, pooling: str = "cls", *,
-                batch_size: int = 64, features_fn: Callable | None = None,
-                normalization: Normalization | None = None,
-                progress: bool = False) -> tuple[np.ndarray, int]:
-  """(Σ_x E(x) in float64 [d], n): the streamed sum that ``prototype`` divides by n.
-
-  Sums of disjoint shards add, so a prototype of a dataset too large for one pass is
-  Σ sums / Σ n. See ``prototype`` for the arguments.
-  """
+def _feature_batches(model, dataset, pooling, *, batch_size, features_fn, normalization,
+                     progress, what):
+  """Yield (features [batch, d] float32 numpy, real-row mask) per fixed-size batch."""
   ds = _images(dataset)
   if len(ds) == 0:
-    raise ValueError(f"dataset {ds.name!r} is empty: a prototype needs at least one example")
+    raise ValueError(f"dataset {ds.name!r} is empty: a {what} needs at least one example")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if (model is None) == (features_fn is None):
@@ -76,21 +70,48 @@ def feature_sum(model: nnx.Module | None, dataset, pooling: str = "cls", *,
                                              normalization=normalization)
   # Never more padding than needed: a small dataset runs as one batch of its own size.
   batch_size = min(batch_size, len(ds))
-  total, n = None, 0
   it = batches(ds, batch_size, tail="pad", prefetch=2)
   if progress:
     from tqdm.auto import tqdm
-    it = tqdm(it, total=-(-len(ds) // batch_size), desc=f"prototype {ds.name}", unit="batch")
+    it = tqdm(it, total=-(-len(ds) // batch_size), desc=f"{what} {ds.name}", unit="batch")
   for batch in it:
     feats = np.asarray(compute(batch.images))
     if feats.ndim != 2 or feats.shape[0] != batch_size:
       raise ValueError(f"features must be [batch, d] = [{batch_size}, d], got {feats.shape}")
-    part = feats[batch.mask].astype(np.float64).sum(axis=0)
+    if not np.all(np.isfinite(feats[batch.mask])):
+      raise ValueError(f"features of dataset {ds.name!r} are not finite (NaN or Inf)")
+    yield feats, np.asarray(batch.mask)
+
+
+def feature_sum(model: nnx.Module | None, dataset, pooling: str = "cls", *,
+                batch_size: int = 64, features_fn: Callable | None = None,
+                normalization: Normalization | None = None,
+                progress: bool = False) -> tuple[np.ndarray, int]:
+  """(Σ_x E(x) in float64 [d], n): the streamed sum that ``prototype`` divides by n.
+
+  Sums of disjoint shards add, so a prototype of a dataset too large for one pass is
+  Σ sums / Σ n. See ``prototype`` for the arguments.
+  """
+  total, n = None, 0
+  for feats, mask in _feature_batches(model, dataset, pooling, batch_size=batch_size,
+                                      features_fn=features_fn, normalization=normalization,
+                                      progress=progress, what="prototype"):
+    part = feats[mask].astype(np.float64).sum(axis=0)
     total = part if total is None else total + part
-    n += int(batch.mask.sum())
-  if not np.all(np.isfinite(total)):
-    raise ValueError(f"features of dataset {ds.name!r} are not finite (NaN or Inf)")
+    n += int(mask.sum())
   return total, n
+
+
+def features(model: nnx.Module | None, dataset, pooling: str = "cls", *,
+             batch_size: int = 64, features_fn: Callable | None = None,
+             normalization: Normalization | None = None,
+             progress: bool = False) -> np.ndarray:
+  """The pooled feature of every example, float32 [N, d] in dataset order: each input's
+  own prototype for per-sample composition (``prototype`` is their mean). Arguments as
+  ``prototype``'s."""
+  return np.concatenate([feats[mask] for feats, mask in _feature_batches(
+      model, dataset, pooling, batch_size=batch_size, features_fn=features_fn,
+      normalization=normalization, progress=progress, what="features")]).astype(np.float32)
 
 
 def prototype(model: nnx.Module | None, dataset, pooling: str = "cls", *,

@@ -100,6 +100,41 @@ def test_classification_end_to_end(capsys, tmp_path):
   saved = json.loads((tmp_path / "out" / "report.json").read_text())
   assert saved["metrics"][target]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
 
+  # Per sample (issue 19): every input its own k nearest adapters and weights.
+  per = _compose(capsys, library, model, target, tmp_path / "per", "--per-sample")
+  stored = np.load(tmp_path / "per" / "per_sample.npz")
+  union, mixture = [str(n) for n in stored["union"]], stored["weights"]
+  rows = list(csv.DictReader(open(tmp_path / "per" / "predictions.csv")))
+  assert mixture.shape == (len(labels), len(union)) == (len(rows), 2)
+  assert np.allclose(mixture.sum(axis=1), 1.0, atol=1e-5)
+  stats = per["targets"][0]["per_sample"]
+  assert stats["inputs_per_adapter"] == {n: int((mixture[:, j] != 0).sum())
+                                         for j, n in enumerate(union)}
+  # The oracle: input n alone through with_adapter(combine(union, W[n])).
+  from rpe_jax.compose import combine, with_adapter
+  from rpe_jax.library import Library
+  from rpe_jax.tasks.classification import predict_labels
+  base = hf.load(model)
+  ds = images.load(target, "test")
+  with Library.open(library, readonly=True) as lib:
+    adapters = [lib.load(n) for n in union]
+  # Input 7's weights from its own feature, computed here with the model's own encoder.
+  from models.preprocessing import Normalization
+  from rpe_jax.weighting import compute_weights
+  feature = np.asarray(base.features(Normalization.for_model(base)(ds.images[7:8]), "cls"))
+  with Library.open(library, readonly=True) as lib:
+    found = lib.query(feature, 2)
+  w = compute_weights(found.references, feature, "sparse", lam2=10.0, sqdist=found.distances)
+  expected = dict(zip(map(str, found.names[0]), np.asarray(w.weights[0], np.float64)))
+  got = {n: float(mixture[7, j]) for j, n in enumerate(union)}
+  assert got == pytest.approx(expected, abs=1e-5)
+  for n in (0, 7, len(rows) - 1):
+    alone = with_adapter(base, combine(adapters, mixture[n]))
+    assert predict_labels(alone, ds.subset(np.array([n])))[0] == int(rows[n]["prediction"])
+  predicted = np.array([int(r["prediction"]) for r in rows])
+  assert per["metrics"][target]["accuracy"] == pytest.approx(np.mean(predicted == labels),
+                                                             abs=1e-12)
+
 
 def _write_mask_folder(root, uri, split="test", n=12):
   """The first ``n`` images and masks of a built-in split as PNG files (a masks: folder)."""

@@ -25,14 +25,14 @@ from rpe_jax.weighting import STRATEGIES
 
 FORMATS = ("safetensors", "peft", "orbax")
 WRITTEN_BY = "rpe_jax.compose"   # the report's mark: a folder holding it is the tool's
-_PREDICTION_FILES = ("predictions.csv", "masks.npz", "predictions.jsonl")
+_PREDICTION_FILES = ("predictions.csv", "masks.npz", "predictions.jsonl", "per_sample.npz")
 _OUTPUT_NAME = re.compile(
     r"(report\.json|composed|target-\d+|lambda_path-\d+\.png|\.tmp-compose-.*|"
-    r"predictions\.csv|masks\.npz|predictions\.jsonl)\Z")
+    r"predictions\.csv|masks\.npz|predictions\.jsonl|per_sample\.npz)\Z")
 _ADAPTER_FOLDER = re.compile(r"(composed|target-\d+)\Z")
 _PLOT = re.compile(r"lambda_path-\d+\.png\Z")
 _OWNED = ("report.json, composed/, target-N/, lambda_path-N.png and the predictions "
-          "(predictions.csv, masks.npz, predictions.jsonl)")
+          "(predictions.csv, masks.npz, predictions.jsonl, per_sample.npz)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +99,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--eval", action="store_true",
                       help="score the predictions against the target's labels (accuracy, mean "
                       "DICE, ROUGE-L F1): printed and in report.json under \"metrics\"")
+  parser.add_argument("--per-sample", action="store_true",
+                      help="with --predict/--eval: every input gets its own weights (its own "
+                      "feature as prototype, its own k nearest adapters, all in one batched "
+                      "solve) and the batch runs them in one forward; writes per_sample.npz "
+                      "(union, weights [N, |union|]) instead of a composed adapter")
   parser.add_argument("--prompt", default="box", choices=("box", "none"),
                       help="segmentation prompt: box (from the target's masks, the usual SAM "
                       "evaluation; needs masks) or none (default box)")
@@ -129,6 +134,19 @@ def _check_args(args) -> None:
     raise ValueError("--predict and --eval need the target as --data URI")
   if args.predict and not args.out:
     raise ValueError("--predict writes the predictions under --out: give --out")
+  if args.per_sample:
+    if not (args.predict or args.eval):
+      raise ValueError("--per-sample composes per input while predicting: add --predict or "
+                       "--eval")
+    conflicts = [name for name, on in (("--mesh", getattr(args, "mesh", None)),
+                                        ("--merge", args.merge), ("--path", args.path),
+                                        ("--rank", args.rank is not None),
+                                        ("--energy", args.energy is not None),
+                                        ("--format", args.format != "safetensors"))
+                 if on]
+    if conflicts:
+      raise ValueError(f"--per-sample writes no composed adapter and runs on one device: "
+                       f"it does not combine with {', '.join(conflicts)}")
   if args.max_new_tokens < 1:
     raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   needs_model = args.data or args.merge or (args.out and args.format == "peft")
@@ -184,11 +202,19 @@ def _write_outputs(args, out: Path, target_names, composed, model, report,
         from rpe_jax.compose import merge_into
         hf.save(merge_into(model, adapter), folder / "merged")
       folders.append(folder)
-    if predicted is not None:   # (task, predictions, datasets): beside the adapter folders
-      task, predictions, datasets = predicted
+    if predicted is not None:   # beside the adapter folders (or target-i/ folders)
+      task, predictions, datasets, mixtures = predicted
       for i, (p, ds) in enumerate(zip(predictions, datasets)):
         where = staging if len(predictions) == 1 else staging / f"target-{i}"
+        if not where.exists():
+          where.mkdir()
+          folders.append(where)
         written = task.write_predictions(p, ds, where)
+        if mixtures is not None:   # --per-sample: who used which adapter, how much
+          union, mixture = mixtures[i]
+          np.savez(where / "per_sample.npz", union=np.asarray(union, dtype=str),
+                   weights=mixture.astype(np.float32))
+          written.append(where / "per_sample.npz")
         if len(predictions) == 1:
           folders += written
     if path is not None:   # the λ path of each target, drawn (``--path``)
@@ -223,6 +249,68 @@ def format_table(name, names, sqdist, weights) -> str:
   for n, d, w in zip(names, sqdist, weights):
     lines.append(f"| {n:<{width}} | {d:9.4g} | {w:6.3f} |")
   return "\n".join(lines)
+
+
+def _run_per_sample(args, library, task, tm, datasets, encoder, clock) -> int:
+  """``--per-sample``: one weight vector per input (``pipeline.predict_per_sample``)."""
+  from rpe_jax.parallel import distributed
+  from solvers import sparse_simplex
+  options = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+             "bertscore_model": args.bertscore_model}
+  targets, predictions, mixtures = [], [], []
+  for uri, ds in zip(args.data, datasets):
+    result, metrics = pipeline.predict_per_sample(
+        library, task, tm, ds, k=args.k, strategy=args.strategy, lam1=args.lam1,
+        lam2=args.lam2, lam2_rel=args.lam2_rel, encoder=encoder, exclude=args.exclude,
+        base_model=args.base_model, pooling=args.pooling, evaluate=args.eval,
+        progress=not args.json, clock=clock, **options)
+    status = [sparse_simplex.status_name(int(x)) for x in np.atleast_1d(result.weights.status)]
+    targets.append({"target": uri, "n_samples": len(result.mixture), "per_sample": {
+        **result.stats, "solver_status": {n: status.count(n) for n in sorted(set(status))},
+        "reconstruction_error_mean": float(np.mean(result.weights.error))},
+        "metrics": metrics})
+    predictions.append(result.predictions)
+    mixtures.append((result.union, result.mixture))
+  report = {"library": str(Path(args.library).absolute()), "strategy": args.strategy,
+            "k": args.k, "lam1": args.lam1,
+            "lam2": args.lam2 if args.lam2 is not None or args.lam2_rel is not None else 10.0,
+            "lam2_rel": args.lam2_rel, "exclude": args.exclude, "per_sample": True,
+            "base_model": args.base_model, "written_by": WRITTEN_BY, "task": task.name,
+            "split": args.split, "targets": targets, "timings_s": {}}
+  if args.eval:
+    report["metrics"] = {t["target"]: t["metrics"] for t in targets}
+  write = args.out and distributed.is_primary()
+  if write:
+    with clock("write"):
+      _write_outputs(args, Path(args.out), [], [], tm.model, report,
+                     predicted=(task, predictions, datasets, mixtures))
+  report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
+  if write:
+    outputs.atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
+  if args.json:
+    print(json.dumps(report, indent=2))
+  else:
+    for t in targets:
+      ps = t["per_sample"]
+      print(f"target: {t['target']} ({ps['inputs']} inputs, per-sample weights)\n"
+            f"adapters used: {len(ps['union'])} in all; per batch of {ps['batch_size']}: "
+            f"{ps['distinct_adapters_per_batch']}\n"
+            f"non-zero weights per input: mean {ps['nonzero_weights_per_input']['mean']:.2f} "
+            f"(min {ps['nonzero_weights_per_input']['min']}, max "
+            f"{ps['nonzero_weights_per_input']['max']}); weights in "
+            f"[{ps['weight']['min']:.3f}, {ps['weight']['max']:.3f}], "
+            f"{100 * ps['negative_fraction']:.1f}% negative; solver {ps['solver_status']}")
+      print("| adapter | inputs |\n|---|---|")
+      for name, count in ps["inputs_per_adapter"].items():
+        print(f"| {name} | {count} |")
+      if t.get("metrics"):
+        print("| metric | value |\n|---|---|")
+        for name, value in t["metrics"].items():
+          print(f"| {name} | {value:.4f} |")
+      print()
+    if args.out:
+      print(f"wrote {args.out}")
+  return 0
 
 
 def run(args) -> int:
@@ -269,6 +357,8 @@ def run(args) -> int:
   if model is not None:
     from rpe_jax.tasks.contract import model_task_name
     pipeline.check_library_task(library, encoder, model_task_name(model))
+  if args.per_sample:
+    return _run_per_sample(args, library, task, tm, datasets, encoder, clock)
   sizes = None
   with clock("prototype"):
     if args.prototype:
@@ -309,7 +399,7 @@ def run(args) -> int:
     predictions, metrics = pipeline.predict_targets(task, tm, datasets, composed,
                                                     evaluate=args.eval, progress=not args.json,
                                                     clock=clock, **options)
-    predicted = (task, predictions, datasets) if args.predict else None
+    predicted = (task, predictions, datasets, None) if args.predict else None
     for t, m in zip(targets, metrics):
       t["metrics"] = m
   path = None

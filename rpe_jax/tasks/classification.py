@@ -322,6 +322,14 @@ class ClassificationTask(Task):
   def size(self, ds) -> int:
     return len(ds)
 
+  def features(self, tm, ds, *, pooling=None, progress=False) -> np.ndarray:
+    from rpe_jax import prototypes
+    return prototypes.features(tm.model, ds, pooling or self.pooling,
+                               normalization=tm.normalization, progress=progress)
+
+  def subset(self, ds, index) -> ImageDataset:
+    return ds.subset(np.asarray(index))
+
   def prototype(self, tm, ds, *, pooling=None, progress=False):
     from rpe_jax import prototypes
     return prototypes.prototype(tm.model, ds, pooling or self.pooling,

@@ -5,8 +5,10 @@ A task is one small object (``Task``) with the same six operations for classific
 
     load(uri, split)                  a dataset URI → a dataset (labels / masks /
                                       impressions optional: ``labeled(ds)`` says)
-    prototype(tm, ds, pooling)        the task prototype z = mean over ds of the frozen
-                                      encoder's pooled feature (``rpe_jax.prototypes``)
+    features(tm, ds, pooling)         the frozen encoder's pooled feature of every example
+                                      [N, d] (each input's own prototype, per-sample)
+    prototype(tm, ds, pooling)        the task prototype z = their mean over ds
+                                      (``rpe_jax.prototypes``)
     train(tm, uri, options)           one adapter on the train split (``rpe_jax.training``),
                                       best by the val split's metric where the task keeps one
     predict(tm, ds)                   labels; masks; greedy-decoded impressions
@@ -72,7 +74,8 @@ class Task(abc.ABC):
   name: str                       # one of TASK_NAMES
   metric: str                     # the headline metric's key in ``score``
   pooling: str                    # the prototype's default feature pooling
-  schemes: tuple[str, ...]        # the dataset URI schemes this task reads
+  predict_batch: int = 64         # rows per compiled prediction call (``predict`` runs
+                                  # a dataset of exactly this size as one batch)
 
   @abc.abstractmethod
   def load(self, uri: str, split: str = "test", *, data_root: str | None = None,
@@ -82,6 +85,15 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def labeled(self, ds) -> bool:
     """Does ``ds`` carry what ``score`` compares with (labels, masks, impressions)?"""
+
+  @abc.abstractmethod
+  def features(self, tm: TaskModel, ds, *, pooling: str | None = None,
+               progress: bool = False):
+    """The pooled feature of every example of ``ds`` under ``tm``'s encoder, [N, d]."""
+
+  @abc.abstractmethod
+  def subset(self, ds, index):
+    """The examples ``index`` (an integer array) of ``ds``, in that order."""
 
   @abc.abstractmethod
   def prototype(self, tm: TaskModel, ds, *, pooling: str | None = None,

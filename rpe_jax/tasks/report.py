@@ -507,6 +507,17 @@ class ReportTask(Task):
                        "folder)")
     return tm.codec
 
+  predict_batch = 16
+
+  def features(self, tm, ds, *, pooling=None, progress=False) -> np.ndarray:
+    if pooling not in (None, "mean"):
+      raise ValueError(f"report features pool the findings tokens by their mean, not "
+                       f"{pooling!r}")
+    return findings_features(tm.model, self._codec(tm), list(ds.findings))
+
+  def subset(self, ds, index):
+    return ds.subset(np.asarray(index), ds.name)
+
   def prototype(self, tm, ds, *, pooling=None, progress=False):
     if pooling not in (None, "mean"):
       raise ValueError(f"report prototypes pool the findings tokens by their mean, not "

@@ -310,6 +310,16 @@ class SegmentationTask(Task):
   def size(self, ds) -> int:
     return len(ds.images)
 
+  def features(self, tm, ds, *, pooling=None, progress=False) -> np.ndarray:
+    from rpe_jax.prototypes import features
+    ds = check_dataset(ds)
+    return features(tm.model, ds.images, pooling or self.pooling,
+                    normalization=normalization(tm.model), progress=progress)
+
+  def subset(self, ds, index) -> SegDataset:
+    index = np.asarray(index)
+    return SegDataset(ds.images[index], None if ds.masks is None else ds.masks[index], ds.name)
+
   def prototype(self, tm, ds, *, pooling=None, progress=False):
     from rpe_jax.prototypes import prototype as mean_features
     ds = check_dataset(ds)
