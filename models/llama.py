@@ -492,7 +492,8 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens
 
 def generate(model: LlamaForCausalLM, input_ids, max_new_tokens: int, *, attention_mask=None,
              temperature: float = 0.0, top_p: float = 1.0, eos_token_id=None,
-             pad_token_id: int | None = None, rng=None, cache_dtype=None) -> jax.Array:
+             pad_token_id: int | None = None, rng=None, cache_dtype=None,
+             batch_sharding=None) -> jax.Array:
   """Decode ``max_new_tokens`` tokens after left-padded prompts, under one jit.
 
   Prefill fills a fixed-size KV cache (prompt + max_new_tokens slots), then a
@@ -501,6 +502,8 @@ def generate(model: LlamaForCausalLM, input_ids, max_new_tokens: int, *, attenti
   sampling at ``temperature`` within the top-p nucleus, keyed by ``rng``.
   Returns the new tokens [B, max_new_tokens]; after a row's EOS the rest is
   ``pad_token_id`` (HF's convention). ``eos_token_id`` defaults to the config's.
+  ``batch_sharding``: where the prompts go (e.g. their batch axis over a mesh's ``data``
+  axis, for data-parallel decoding; the model's state keeps its own placement).
   """
   cfg = model.config
   input_ids = np.asarray(input_ids)
@@ -525,7 +528,10 @@ def generate(model: LlamaForCausalLM, input_ids, max_new_tokens: int, *, attenti
   graphdef, state = nnx.split(model)
   dtype = cache_dtype or model.model.embed_tokens.embedding[...].dtype
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(graphdef, state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask), rng,
+  ids, mask = jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask)
+  if batch_sharding is not None:
+    ids, mask = jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding)
+  return _generate(graphdef, state, ids, mask, rng,
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                    top_p=float(top_p), eos=tuple(int(e) for e in eos), pad=int(pad),
                    cache_dtype=jnp.dtype(dtype))

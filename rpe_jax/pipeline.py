@@ -112,10 +112,22 @@ def check_library_task(library, encoder, task_name: str) -> None:
                        f"model is a {task_name} model; composing them is meaningless")
 
 
+def on_mesh(task_model, model, mesh):
+  """``task_model`` running ``model`` on ``mesh``: its weights placed by the model's own
+  partition rules (tensor-parallel over ``model``, ``rpe_jax.parallel.sharding``), and its
+  batches split over ``data``; as is without a mesh."""
+  if mesh is None:
+    return task_model._replace(model=model)
+  from rpe_jax.parallel.sharding import shard_model
+  return task_model._replace(model=shard_model(model, mesh), mesh=mesh)
+
+
 def predict_targets(task, task_model, datasets, adapters, *, evaluate: bool = False,
-                    progress: bool = False, clock=None, **options) -> tuple[list, list]:
+                    progress: bool = False, clock=None, mesh=None,
+                    **options) -> tuple[list, list]:
   """(predictions, metrics) of the base model carrying each composed adapter on its
-  target dataset; metrics are None unless ``evaluate``."""
+  target dataset; metrics are None unless ``evaluate``. With a ``mesh`` the forward runs
+  data-parallel over ``data`` and tensor-parallel over ``model`` (``on_mesh``)."""
   from rpe_jax.compose import with_adapter
   clock = clock or Clock()
   predictions, metrics = [], []
@@ -128,7 +140,7 @@ def predict_targets(task, task_model, datasets, adapters, *, evaluate: bool = Fa
         raise ValueError("the composed adapter does not fit the model (an adapter of "
                          f"another base model?): {lines[min(1, len(lines) - 1)].strip()}"
                          ) from None
-      predictions.append(task.predict(task_model._replace(model=adapted), ds,
+      predictions.append(task.predict(on_mesh(task_model, adapted, mesh), ds,
                                       progress=progress, **options))
     with clock("score"):
       metrics.append(task.score(predictions[-1], ds, **options) if evaluate else None)
@@ -237,7 +249,7 @@ def _mixture_stats(union, mixture, batch: int) -> dict:
 def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, lam2=None,
                        lam2_rel=None, encoder=None, exclude=(), base_model=None,
                        pooling=None, evaluate=False, progress=False, clock=None,
-                       **options) -> tuple[PerSampleResult, dict | None]:
+                       mesh=None, **options) -> tuple[PerSampleResult, dict | None]:
   """Per-sample composition: every input of ``ds`` gets its own weights, and the batch
   runs them all in one forward pass.
 
@@ -248,7 +260,9 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
      of ``task.predict_batch`` inputs, every adapted layer computes
      x W0 + ((x A_U) ⊙ expand(W_b)) B_U, which for input n is exactly the forward of
      ``combine(U, W[n])`` (``rpe_jax.compose.mixture.with_mixture``). U is the union over
-     the whole dataset, so every batch has the same shapes and compiles once.
+     the whole dataset, so every batch has the same shapes and compiles once. With a
+     ``mesh`` each batch runs data-parallel over ``data`` and tensor-parallel over
+     ``model`` (``on_mesh``).
 
   Returns (PerSampleResult, metrics or None).
   """
@@ -284,7 +298,7 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
         lines = str(e).splitlines()
         raise ValueError("the retrieved adapters do not fit the model (adapters of another "
                          f"base model?): {lines[min(1, len(lines) - 1)].strip()}") from None
-      out = task.predict(task_model._replace(model=mixed), task.subset(ds, index), **options)
+      out = task.predict(on_mesh(task_model, mixed, mesh), task.subset(ds, index), **options)
       parts.append(out[:min(batch, n - start)])
   predictions = (np.concatenate(parts) if isinstance(parts[0], np.ndarray)
                  else [p for part in parts for p in part])

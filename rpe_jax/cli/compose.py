@@ -138,15 +138,14 @@ def _check_args(args) -> None:
     if not (args.predict or args.eval):
       raise ValueError("--per-sample composes per input while predicting: add --predict or "
                        "--eval")
-    conflicts = [name for name, on in (("--mesh", getattr(args, "mesh", None)),
-                                        ("--merge", args.merge), ("--path", args.path),
+    conflicts = [name for name, on in (("--merge", args.merge), ("--path", args.path),
                                         ("--rank", args.rank is not None),
                                         ("--energy", args.energy is not None),
                                         ("--format", args.format != "safetensors"))
                  if on]
     if conflicts:
-      raise ValueError(f"--per-sample writes no composed adapter and runs on one device: "
-                       f"it does not combine with {', '.join(conflicts)}")
+      raise ValueError(f"--per-sample writes no composed adapter: it does not combine with "
+                       f"{', '.join(conflicts)}")
   if args.max_new_tokens < 1:
     raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   needs_model = args.data or args.merge or (args.out and args.format == "peft")
@@ -251,7 +250,7 @@ def format_table(name, names, sqdist, weights) -> str:
   return "\n".join(lines)
 
 
-def _run_per_sample(args, library, task, tm, datasets, encoder, clock) -> int:
+def _run_per_sample(args, library, task, tm, datasets, encoder, clock, mesh) -> int:
   """``--per-sample``: one weight vector per input (``pipeline.predict_per_sample``)."""
   from rpe_jax.parallel import distributed
   from solvers import sparse_simplex
@@ -263,7 +262,7 @@ def _run_per_sample(args, library, task, tm, datasets, encoder, clock) -> int:
         library, task, tm, ds, k=args.k, strategy=args.strategy, lam1=args.lam1,
         lam2=args.lam2, lam2_rel=args.lam2_rel, encoder=encoder, exclude=args.exclude,
         base_model=args.base_model, pooling=args.pooling, evaluate=args.eval,
-        progress=not args.json, clock=clock, **options)
+        progress=not args.json, clock=clock, mesh=mesh, **options)
     status = [sparse_simplex.status_name(int(x)) for x in np.atleast_1d(result.weights.status)]
     targets.append({"target": uri, "n_samples": len(result.mixture), "per_sample": {
         **result.stats, "solver_status": {n: status.count(n) for n in sorted(set(status))},
@@ -358,7 +357,7 @@ def run(args) -> int:
     from rpe_jax.tasks.contract import model_task_name
     pipeline.check_library_task(library, encoder, model_task_name(model))
   if args.per_sample:
-    return _run_per_sample(args, library, task, tm, datasets, encoder, clock)
+    return _run_per_sample(args, library, task, tm, datasets, encoder, clock, mesh)
   sizes = None
   with clock("prototype"):
     if args.prototype:
@@ -398,7 +397,7 @@ def run(args) -> int:
                "bertscore_model": args.bertscore_model}
     predictions, metrics = pipeline.predict_targets(task, tm, datasets, composed,
                                                     evaluate=args.eval, progress=not args.json,
-                                                    clock=clock, **options)
+                                                    clock=clock, mesh=mesh, **options)
     predicted = (task, predictions, datasets, None) if args.predict else None
     for t, m in zip(targets, metrics):
       t["metrics"] = m

@@ -278,19 +278,23 @@ def _argmax(graphdef, state, images, normalization):
 
 def predict_labels(model: nnx.Module, dataset: ImageDataset, *, batch_size: int = 256,
                    normalization: Normalization | None = None,
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False, mesh=None) -> np.ndarray:
   """Argmax class indices [N] of a classification model, in dataset order (fixed-size
-  batches, the ragged tail padded: one compile)."""
+  batches, the ragged tail padded: one compile). With a ``mesh`` each batch is split over
+  its ``data`` axis (the model's weights stay where they are: see
+  ``rpe_jax.parallel.sharding.shard_model``)."""
+  from rpe_jax.tasks.contract import TaskModel
+  where = TaskModel(model, mesh=mesh)
   normalization = normalization or Normalization.for_model(model)
   graphdef, state = nnx.split(model)
-  batch_size = min(batch_size, len(dataset))
+  batch_size = where.batch_size(batch_size, len(dataset))
   it = batching.batches(dataset, batch_size, tail="pad")
   if progress:
     from tqdm.auto import tqdm
     it = tqdm(it, total=batching.num_batches(len(dataset), batch_size),
               desc=f"predict {dataset.name}", unit="batch")
-  out = [np.asarray(_argmax(graphdef, state, b.images, normalization))[np.asarray(b.mask)]
-         for b in it]
+  out = [np.asarray(_argmax(graphdef, state, where.place(b.images), normalization))[
+      np.asarray(b.mask)] for b in it]
   return np.concatenate(out).astype(np.int64)
 
 
@@ -356,7 +360,8 @@ class ClassificationTask(Task):
         "n_train": len(splits.train), "history": result.history})
 
   def predict(self, tm, ds, *, progress=False, **options) -> np.ndarray:
-    return predict_labels(tm.model, ds, normalization=tm.normalization, progress=progress)
+    return predict_labels(tm.model, ds, normalization=tm.normalization, progress=progress,
+                          mesh=tm.mesh)
 
   def score(self, predictions, ds, **options) -> dict:
     return {"accuracy": float(np.mean(np.asarray(predictions) == ds.labels))}

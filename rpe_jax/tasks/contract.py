@@ -31,11 +31,34 @@ TASK_NAMES = ("classification", "segmentation", "report")
 
 
 class TaskModel(NamedTuple):
-  """A model with what it needs beside its weights."""
+  """A model with what it needs beside its weights, and where it runs."""
 
   model: Any                  # the Flax NNX model
   normalization: Any = None   # image preprocessing (``models.preprocessing.Normalization``)
   codec: Any = None           # the tokenizer of a language model (``tasks.report.Codec``)
+  mesh: Any = None            # a device mesh: batches go over its ``data`` axis (the model's
+                              # weights are placed by ``rpe_jax.parallel.sharding``)
+
+  @property
+  def data_shards(self) -> int:
+    """How many ways a batch is split: the mesh's ``data`` axis size (1 without a mesh)."""
+    if self.mesh is None or "data" not in self.mesh.axis_names:
+      return 1
+    return int(self.mesh.shape["data"])
+
+  def batch_size(self, wanted: int, n: int) -> int:
+    """min(wanted, n) rounded up to a multiple of ``data_shards`` (the pad rows are
+    dropped after), so that every batch splits evenly over the devices."""
+    d = self.data_shards
+    return -(-min(wanted, n) // d) * d
+
+  def place(self, x):
+    """A batch [B, ...] on the mesh, its leading axis over ``data`` (as is without one)."""
+    if self.mesh is None:
+      return x
+    import jax
+    from rpe_jax.parallel.sharding import batch_sharding
+    return jax.device_put(x, batch_sharding(self.mesh))
 
 
 class TrainOptions(NamedTuple):

@@ -386,10 +386,17 @@ def findings_prototype(model, codec: Codec, findings: Sequence[str], **kw) -> Pr
 def generate_impressions(model, codec: Codec, findings: Sequence[str], *,
                          template: str = TEMPLATES[0], max_new_tokens: int = 32,
                          batch_size: int = 16, max_prompt_len: int = 128,
-                         progress: bool = False) -> list[str]:
-  """Greedy impressions for ``findings``: left-padded prompts in fixed-size batches."""
+                         progress: bool = False, mesh=None) -> list[str]:
+  """Greedy impressions for ``findings``: left-padded prompts in fixed-size batches; with a
+  ``mesh`` each batch is split over its ``data`` axis."""
   if not findings:
     raise ValueError("findings is empty")
+  where = TaskModel(model, mesh=mesh)
+  batch_size = -(-batch_size // where.data_shards) * where.data_shards
+  sharding = None
+  if mesh is not None:
+    from rpe_jax.parallel.sharding import batch_sharding
+    sharding = batch_sharding(mesh)
   ids, mask = encode_prompts(codec, findings, template, max_len=max_prompt_len)
   n = len(ids)
   pad_rows = -n % batch_size
@@ -404,7 +411,8 @@ def generate_impressions(model, codec: Codec, findings: Sequence[str], *,
   for start in starts:
     new = llama.generate(model, ids[start:start + batch_size], max_new_tokens,
                          attention_mask=mask[start:start + batch_size],
-                         eos_token_id=codec.eos_id, pad_token_id=codec.pad_id)
+                         eos_token_id=codec.eos_id, pad_token_id=codec.pad_id,
+                         batch_sharding=sharding)
     texts += [codec.decode(row).strip() for row in np.asarray(new)]
   return texts[:n]
 
@@ -554,7 +562,8 @@ class ReportTask(Task):
 
   def predict(self, tm, ds, *, progress=False, max_new_tokens=32, **options) -> list[str]:
     return generate_impressions(tm.model, self._codec(tm), list(ds.findings),
-                                max_new_tokens=max_new_tokens, progress=progress)
+                                max_new_tokens=max_new_tokens, progress=progress,
+                                mesh=tm.mesh)
 
   def score(self, predictions, ds, *, bertscore_model=None, **options) -> dict | None:
     if ds.impressions is None:

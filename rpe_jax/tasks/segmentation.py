@@ -136,8 +136,11 @@ def _padded(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def predict(model: SamModel, ds: SegDataset, *, prompt: str = "box",
-            batch_size: int = 64, progress: bool = False) -> np.ndarray:
-  """Binary masks [N, H, W] (logit > 0), in fixed-size batches (one compile)."""
+            batch_size: int = 64, progress: bool = False, mesh=None) -> np.ndarray:
+  """Binary masks [N, H, W] (logit > 0), in fixed-size batches (one compile); with a
+  ``mesh`` each batch is split over its ``data`` axis."""
+  from rpe_jax.tasks.contract import TaskModel
+  where = TaskModel(model, mesh=mesh)
   ds = check_dataset(ds)
   _check_prompt(prompt)
   if prompt == "box":
@@ -146,7 +149,7 @@ def predict(model: SamModel, ds: SegDataset, *, prompt: str = "box",
   # Without box prompts the boxes are never read: zeros keep the compiled shapes the same.
   boxes = (boxes_from_masks(ds.masks) if prompt == "box"
            else np.zeros((len(ds.images), 1, 4), np.float32))
-  bs = min(batch_size, len(ds.images))
+  bs = where.batch_size(batch_size, len(ds.images))
   out = []
   starts = range(0, len(ds.images), bs)
   if progress:
@@ -154,7 +157,7 @@ def predict(model: SamModel, ds: SegDataset, *, prompt: str = "box",
     starts = tqdm(starts, desc=f"predict {ds.name}", unit="batch")
   for s in starts:
     imgs, bx = _padded(ds.images[s:s + bs], bs), _padded(boxes[s:s + bs], bs)
-    pred = _predict(graphdef, state, jnp.asarray(imgs), jnp.asarray(bx),
+    pred = _predict(graphdef, state, where.place(imgs), where.place(bx),
                     use_boxes=prompt == "box")
     out.append(np.asarray(pred)[:min(bs, len(ds.images) - s)])
   return np.concatenate(out)
@@ -352,7 +355,7 @@ class SegmentationTask(Task):
         "final_loss": float(result.losses[-1])})
 
   def predict(self, tm, ds, *, progress=False, prompt="box", **options) -> np.ndarray:
-    return predict(tm.model, ds, prompt=prompt, progress=progress)
+    return predict(tm.model, ds, prompt=prompt, progress=progress, mesh=tm.mesh)
 
   def score(self, predictions, ds, **options) -> dict | None:
     if ds.masks is None:
