@@ -94,7 +94,8 @@ def load_datasets(uris, split: str = "test", data_root: str | None = None) -> tu
   return task, [task.load(uri, split, data_root=data_root) for uri in uris]
 
 
-def dataset_prototypes(task, task_model, datasets, pooling, progress) -> tuple[np.ndarray, list[int]]:
+def dataset_prototypes(task, task_model, datasets, pooling,
+                       progress) -> tuple[np.ndarray, list[int]]:
   """(z [B, d], sizes): the prototype of each dataset under the model's (frozen) encoder."""
   protos = [task.prototype(task_model, ds, pooling=pooling, progress=progress)
             for ds in datasets]

@@ -113,3 +113,12 @@ def test_the_other_demos_build_then_reuse_their_cache(task, tmp_path, monkeypatc
     assert module.HELD_OUT not in r["weights"]
     assert sum(r["weights"].values()) == pytest.approx(1.0, abs=1e-5)
   assert _files(folder) == before
+  if task == "segmentation":   # a mixed-site target, per sample beside dataset level
+    assert main(["--demo", task, "--target", "scanner+blur", "--per-sample", "--json"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert mixed["target"].startswith("sites:organs/scanner+blur")
+    assert mixed["n_target"] == 2 * report["n_target"]
+    for r in mixed["results"][1:-1]:
+      assert 0.0 <= r["per_sample"] <= 1.0
+      assert sum(r["per_sample_inputs_per_adapter"].values()) >= mixed["n_target"]
+    assert _files(folder) == before

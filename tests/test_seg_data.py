@@ -383,3 +383,21 @@ def test_resize_helpers():
   assert big.dtype == bool and big.shape == (10, 14)
   np.testing.assert_array_equal(big, np.repeat(np.repeat(m, 2, 0), 2, 1))
   np.testing.assert_array_equal(seg_data._resize_mask(big, (5, 7)), m)
+
+
+def test_a_mixed_site_target_is_its_sites_splits_in_order():
+  from rpe_jax.tasks import images
+  mixed = seg_data.load_splits("sites:organs/blur+noisy:16")
+  parts = [seg_data.load_splits(f"sites:organs/{s}:16") for s in ("blur", "noisy")]
+  for split in ("train", "val", "test"):
+    got = getattr(mixed, split)
+    np.testing.assert_array_equal(got.images, np.concatenate(
+        [getattr(p, split).images for p in parts]))
+    np.testing.assert_array_equal(got.masks, np.concatenate(
+        [getattr(p, split).masks for p in parts]))
+  assert len(seg_data.load("sites:organs/blur+noisy:16", "all").images) == 2 * seg_data.PER_SITE
+  digits = images.load_splits("sites:digits/blur+noisy:16")
+  alone = images.load_splits("sites:digits/noisy:16")
+  np.testing.assert_array_equal(digits.test.labels[-len(alone.test):], alone.test.labels)
+  with pytest.raises(ValueError, match="distinct sites"):
+    images.load_splits("sites:digits/blur+blur")

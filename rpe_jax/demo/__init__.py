@@ -160,11 +160,14 @@ def library(model):
 
 
 def held_out_rows(task, tm, lib, target, held_out: str, *, k: int, lam1: float,
-                  lam2: float, predict_options: dict | None = None) -> list[dict]:
+                  lam2: float, predict_options: dict | None = None,
+                  per_sample: bool = False) -> list[dict]:
   """The demo's table for any task: the held-out ``target`` scored for the pretrained
   model, the composition of the other members' adapters by each of the demo's
   ``STRATEGIES`` (weights from the target's prototype alone: no label of it is used) and
-  the member's own adapter (SFT)."""
+  the member's own adapter (SFT). ``per_sample``: each strategy's row also gets
+  ``"per_sample"``, its score when every input is weighed on its own
+  (``rpe_jax.pipeline.predict_per_sample``, the same k and λ)."""
   from rpe_jax.compose import combine, with_adapter
   from rpe_jax.pipeline import compose_targets
   options = predict_options or {}
@@ -184,14 +187,29 @@ def held_out_rows(task, tm, lib, target, held_out: str, *, k: int, lam1: float,
                              zip(found.names[0], np.asarray(w.weights[0]))},
                  "sqdist": {str(n): float(x) for n, x in
                             zip(found.names[0], np.asarray(w.sqdist[0]))}})
+    if per_sample:
+      from rpe_jax.pipeline import predict_per_sample
+      result, metrics = predict_per_sample(lib, task, tm, target, k=k, strategy=strategy,
+                                           lam1=lam1, lam2=lam2, exclude=[held_out],
+                                           evaluate=True, **options)
+      rows[-1]["per_sample"] = metrics[task.metric]
+      rows[-1]["per_sample_inputs_per_adapter"] = result.stats["inputs_per_adapter"]
   own = combine([lib.load(held_out)], np.ones(1, np.float32))
   rows.append({"method": "SFT (held-out member's own adapter)",
                task.metric: score(with_adapter(tm.model, own)), "weights": {}})
   return rows
 
 
-def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = 10.0):
-  """Hold ``held_out`` out, compose the others with every strategy, evaluate on its test set."""
+def target_uri(uri_of, held_out: str, target: str | None) -> str:
+  """The demo's target: the held-out member's URI, or ``target`` = members joined by '+'
+  (a mixed-site target in equal proportions, ``rpe_jax.tasks.images.mixed_sites``)."""
+  return uri_of(target or held_out)
+
+
+def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = 10.0,
+             target: str | None = None, per_sample: bool = False):
+  """Hold ``held_out`` out, compose the others with every strategy, evaluate on the test
+  set of ``target`` (default: the held-out site; 'a+b+…' mixes sites)."""
   from rpe_jax.tasks.classification import ClassificationTask
   t0 = time.perf_counter()
   tm = base_model("classification")
@@ -200,9 +218,12 @@ def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: floa
     raise ValueError(f"unknown held-out site {held_out!r}; sites: {', '.join(lib.names())}")
   build_s = time.perf_counter() - t0
   task = ClassificationTask()
-  target = task.load(_site_uri(held_out), "test", seed=SEED)
-  rows = held_out_rows(task, tm, lib, target, held_out, k=k, lam1=lam1, lam2=lam2)
-  return {"task": task.name, "metric": task.metric, "held_out": held_out, "k": k,
+  uri = target_uri(_site_uri, held_out, target)
+  target = task.load(uri, "test", seed=SEED)
+  rows = held_out_rows(task, tm, lib, target, held_out, k=k, lam1=lam1, lam2=lam2,
+                       per_sample=per_sample)
+  return {"task": task.name, "metric": task.metric, "held_out": held_out, "target": uri,
+          "k": k,
           "lam1": lam1, "lam2": lam2, "library": str(cache_dir() / "library"),
           "n_target": len(target), "build_or_load_s": round(build_s, 2),
           "total_s": round(time.perf_counter() - t0, 2), "results": rows}
@@ -211,17 +232,23 @@ def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: floa
 def format_report(report) -> str:
   metric = report.get("metric", "accuracy")
   members = sorted({n for r in report["results"] for n in r["weights"]})
-  head = f"| method | {metric} | " + " | ".join(members) + " |"
+  per = any("per_sample" in r for r in report["results"])
+  head = f"| method | {metric} | " + (f"per-sample {metric} | " if per else "") \
+      + " | ".join(members) + " |"
   what = {"classification": "test images", "segmentation": "test images",
           "report": "test reports"}.get(report.get("task"), "examples")
   lines = [f"Held-out {report.get('member', 'site')} {report['held_out']!r} "
            f"({report['n_target']} {what}, no labels used to weigh); k = {report['k']}, "
            f"λ1 = {report['lam1']}, λ2 = {report['lam2']}.",
            f"Columns after {metric}: the weight each strategy gave each member's adapter.",
-           "", head, "|" + "---|" * (2 + len(members))]
+           "", head, "|" + "---|" * (2 + per + len(members))]
+  if "+" in report.get("target", ""):
+    lines.insert(1, f"Target: {report['target']} (test split), a mixture of sites in equal "
+                    "proportions.")
   for r in report["results"]:
     cells = [f"{r['weights'][s]:+.3f}" if s in r["weights"] else "" for s in members]
-    lines.append(f"| {r['method']} | {r[metric]:.3f} | " + " | ".join(cells) + " |")
+    extra = (f"{r['per_sample']:.3f} | " if "per_sample" in r else " | ") if per else ""
+    lines.append(f"| {r['method']} | {r[metric]:.3f} | " + extra + " | ".join(cells) + " |")
   lines.append("")
   lines.append(f"library: {report['library']} (built or loaded in "
                f"{report['build_or_load_s']} s; total {report['total_s']} s)")
@@ -258,6 +285,18 @@ def _demo_module(task: str):
 DEMOS = ("classification", "segmentation", "report")
 
 
+def add_target_args(parser, members: str, example: str | None) -> None:
+  """The demos' --target and --per-sample options."""
+  if example is not None:
+    parser.add_argument("--target", default=None, metavar="A+B+…",
+                        help=f"score on the test split of these {members} mixed in equal "
+                        f"proportions (e.g. {example}) instead of the held-out one's alone; "
+                        "the held-out adapter stays out of the library")
+  parser.add_argument("--per-sample", action="store_true",
+                      help="also weigh every input on its own (per-sample composition) and "
+                      "show its score beside each strategy's dataset-level one")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = [] if argv is None else list(argv)
   task = argv.pop(0) if argv and not argv[0].startswith("-") else "classification"
@@ -273,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--k", type=int, default=4)
   parser.add_argument("--lam1", type=float, default=1.0)
   parser.add_argument("--lam2", type=float, default=10.0)
+  add_target_args(parser, "sites", "scanner+blur+noisy")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   print(f"rpe_jax demo — cache: {cache_dir()}", file=sys.stderr)
-  report = run_demo(args.held_out, args.k, args.lam1, args.lam2)
+  report = run_demo(args.held_out, args.k, args.lam1, args.lam2, args.target, args.per_sample)
   print(json.dumps(report, indent=2) if args.json else format_report(report))
   return 0

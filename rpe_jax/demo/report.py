@@ -106,7 +106,8 @@ def library(tm):
   return Library.open(folder, readonly=True)
 
 
-def run(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = LAM2) -> dict:
+def run(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = LAM2,
+        target: str | None = None, per_sample: bool = False) -> dict:
   from rpe_jax.tasks.report import ReportTask
   t0 = time.perf_counter()
   tm = base()
@@ -116,10 +117,13 @@ def run(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = L
                      f"{', '.join(lib.names())}")
   build_s = time.perf_counter() - t0
   task = ReportTask()
-  target = task.load(_uri(held_out), "test", seed=demo.SEED)
+  uri = demo.target_uri(_uri, held_out, target)
+  target = task.load(uri, "test", seed=demo.SEED)
   rows = demo.held_out_rows(task, tm, lib, target, held_out, k=k, lam1=lam1, lam2=lam2,
-                            predict_options={"max_new_tokens": MAX_NEW_TOKENS})
-  return {"task": task.name, "metric": task.metric, "member": "modality",
+                            predict_options={"max_new_tokens": MAX_NEW_TOKENS},
+                            per_sample=per_sample)
+  return {"task": task.name, "metric": task.metric, "target": uri,
+          "member": "modality",
           "held_out": held_out, "k": min(k, len(lib.names()) - 1), "lam1": lam1,
           "lam2": lam2, "library": str(cache_folder() / "library"),
           "n_target": task.size(target), "build_or_load_s": round(build_s, 2),
@@ -135,9 +139,11 @@ def main(argv) -> int:
   parser.add_argument("--k", type=int, default=4)
   parser.add_argument("--lam1", type=float, default=1.0)
   parser.add_argument("--lam2", type=float, default=LAM2)
+  demo.add_target_args(parser, "modalities", None)
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   print(f"rpe_jax report demo — cache: {cache_folder()}", file=sys.stderr)
-  report = run(args.held_out, args.k, args.lam1, args.lam2)
+  report = run(args.held_out, args.k, args.lam1, args.lam2, getattr(args, "target", None),
+               args.per_sample)
   print(json.dumps(report, indent=2) if args.json else demo.format_report(report))
   return 0

@@ -13,6 +13,7 @@ URIs (``load(uri, split)`` / ``load_splits(uri)``):
   ``seed``; or ``<path>/{train,val,test}/<class>/...`` when those folders exist.
 * ``sites:digits[/<site>][:<size>]`` — built-in: scikit-learn's 1797 real 8×8 digit scans
   rendered at several acquisition sites (``SITES``), each with its own documented shift.
+  ``sites:digits/<a>+<b>+…`` mixes sites in equal proportions (``mixed_sites``).
 * ``tasks:digits[/<task>][:<size>]`` — built-in multi-task family (Med-LEGO): different label
   tasks (``TASKS``) on different image subsets and renderings.
 
@@ -109,7 +110,34 @@ def _scheme(uri: str) -> tuple[str, str]:
 def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> Splits:
   """The train/val/test splits of the dataset ``uri`` names (see the module docstring)."""
   scheme, rest = _scheme(uri)
+  parts = mixed_sites(uri)
+  if parts:
+    return _concat_splits([load_splits(p, data_root=data_root, seed=seed) for p in parts], uri)
   return _LOADERS[scheme](rest, uri, data_root, seed)
+
+
+def mixed_sites(uri: str) -> list[str]:
+  """The member URIs of a mixed-site URI ``sites:<family>/<a>+<b>+…[:<size>]`` (a target
+  drawn from several built-in sites in equal proportions: each split is the members' splits
+  one after the other); [] for any other URI."""
+  scheme, _, rest = uri.partition(":")
+  body, colon, size = rest.partition(":")
+  family, _, sites_ = body.partition("/")
+  if scheme != "sites" or "+" not in sites_:
+    return []
+  names = sites_.split("+")
+  if len(set(names)) != len(names) or not all(names):
+    raise DatasetError(f"{uri!r}: a mixed-site URI names distinct sites joined by '+'")
+  return [f"sites:{family}/{n}{colon}{size}" for n in names]
+
+
+def _concat_splits(parts, uri: str) -> Splits:
+  def cat(split):
+    sets = [getattr(p, split) for p in parts]
+    return dataclasses.replace(sets[0], images=np.concatenate([d.images for d in sets]),
+                               labels=np.concatenate([d.labels for d in sets]),
+                               name=f"{uri}[{split}]")
+  return Splits(*(cat(s) for s in Splits._fields))
 
 
 def load(uri: str, split: str = "train", *, data_root: str | None = None,

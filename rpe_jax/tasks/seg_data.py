@@ -15,11 +15,13 @@ URIs (``load(uri, split)`` / ``load_splits(uri)``):
   Without a masks folder the dataset is unlabeled (``masks`` None): a target to compose for.
   Files of other types (``README.txt``) and hidden files are ignored, as in ``folder:``.
   The files, sorted by stem, are divided 70/15/15 by a permutation seeded by ``seed``.
-* ``sites:organs[/<site>][:<size>]`` — built-in: the organ phantoms (``load_site``) rendered at each acquisition site (``SITES``), ``PER_SITE``
+* ``sites:organs[/<site>][:<size>]`` — built-in: the organ phantoms (``load_site``)
+  rendered at each acquisition site (``SITES``), ``PER_SITE``
   images per site at ``size`` pixels (default 32; a multiple of 16, the tiny SAM's rule),
   divided 60/20/20 by ``seed`` (which also seeds the phantoms). ``load_site``,
   which the benchmarks use, is the same generator with its own train / test counts: at its
-  defaults (96 + 64) its images are these 160, in order.
+  defaults (96 + 64) its images are these 160, in order. ``sites:organs/<a>+<b>+…`` mixes
+  sites in equal proportions: each split is the members' splits, one after the other.
 * ``tfds-masks:<name>[:<split>][:<foreground values>]`` — a tensorflow-datasets segmentation
   dataset (one with an ``image`` and a ``segmentation_mask`` feature, e.g. ``oxford_iiit_pet``,
   whose trimap is 1 pet, 2 background, 3 border) read through tfds' random-access
@@ -224,8 +226,19 @@ def _read(uri: str, data_root: str | None, seed: int) -> tuple[SegDataset, tuple
 
 def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> SegSplits:
   """The train/val/test splits of the dataset ``uri`` names (see the module docstring)."""
+  from rpe_jax.tasks.images import mixed_sites
+  members_ = mixed_sites(uri)
+  if members_:   # a mixed-site target: each split is the members' splits, in order
+    parts = [load_splits(m, data_root=data_root, seed=seed) for m in members_]
+    return SegSplits(*(_concat([getattr(p, s) for p in parts], f"{uri}[{s}]")
+                       for s in SegSplits._fields))
   ds, parts = _read(uri, data_root, seed)
   return _split(ds, parts)
+
+
+def _concat(sets, name: str) -> SegDataset:
+  masks = None if any(d.masks is None for d in sets) else np.concatenate([d.masks for d in sets])
+  return SegDataset(np.concatenate([d.images for d in sets]), masks, name)
 
 
 def load(uri: str, split: str = "test", *, data_root: str | None = None,
@@ -234,6 +247,10 @@ def load(uri: str, split: str = "test", *, data_root: str | None = None,
   if split not in SPLITS:
     raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
   if split == "all":
+    from rpe_jax.tasks.images import mixed_sites
+    if mixed_sites(uri):
+      splits = load_splits(uri, data_root=data_root, seed=seed)
+      return _concat(list(splits), f"{uri}[all]")
     return _read(uri, data_root, seed)[0]
   return getattr(load_splits(uri, data_root=data_root, seed=seed), split)
 
