@@ -10,6 +10,7 @@ rpe_jax`` stays fast and does not import JAX):
     lambda_path, LambdaPath                every λ2 of ``sparse`` in one batched solve
     combine, with_adapter, merge_into, adapter_of    exact composition (rpe_jax.compose)
     with_mixture, mixture_weights          per-input compositions in one batched forward
+    set_mixture_weights                    new per-input weights on a mixture (gates only)
     medlego_merge, task_arithmetic, ties_merge, lora_average   merging (rpe_jax.merge)
     compose_targets, ComposeResult         the main job as a function (rpe_jax.pipeline)
     predict_per_sample, PerSampleResult    per-sample composition: one weight vector per input
@@ -41,6 +42,7 @@ _API = {
     "adapter_of": "rpe_jax.compose",
     "with_mixture": "rpe_jax.compose.mixture",
     "mixture_weights": "rpe_jax.compose.mixture",
+    "set_mixture_weights": "rpe_jax.compose.mixture",
     "medlego_merge": "rpe_jax.merge",
     "task_arithmetic": "rpe_jax.merge",
     "ties_merge": "rpe_jax.merge",

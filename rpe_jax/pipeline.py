@@ -268,7 +268,7 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
   Returns (PerSampleResult, metrics or None).
   """
   from rpe_jax import weighting
-  from rpe_jax.compose.mixture import mixture_weights, with_mixture
+  from rpe_jax.compose.mixture import mixture_weights, set_mixture_weights, with_mixture
   clock = clock or Clock()
   with clock("features"):
     z = task.features(task_model, ds, pooling=pooling, progress=progress)
@@ -293,12 +293,16 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
       # The last batch is completed with copies of its last input (dropped after), so
       # that every batch has the mixture's batch size.
       index = np.minimum(np.arange(start, start + batch), n - 1)
-      try:
-        mixed = with_mixture(task_model.model, adapters, mixture[index].astype(np.float32))
-      except ValueError as e:
-        lines = str(e).splitlines()
-        raise ValueError("the retrieved adapters do not fit the model (adapters of another "
-                         f"base model?): {lines[min(1, len(lines) - 1)].strip()}") from None
+      rows = mixture[index].astype(np.float32)
+      if start:   # the union's factors are built once; later batches swap the gates only
+        mixed = set_mixture_weights(mixed, adapters, rows)
+      else:
+        try:
+          mixed = with_mixture(task_model.model, adapters, rows)
+        except ValueError as e:
+          lines = str(e).splitlines()
+          raise ValueError("the retrieved adapters do not fit the model (adapters of another "
+                           f"base model?): {lines[min(1, len(lines) - 1)].strip()}") from None
       out = task.predict(on_mesh(task_model, mixed, mesh), task.subset(ds, index), **options)
       parts.append(out[:min(batch, n - start)])
   predictions = (np.concatenate(parts) if isinstance(parts[0], np.ndarray)

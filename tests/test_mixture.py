@@ -15,7 +15,7 @@ from models.lora import (LoRA, LoRAGate, LoRAParam, SVDLoRA, adapted_layers, fro
 from models.sam import SamModel
 from models.vit import ViTConfig, ViTForImageClassification
 from rpe_jax.compose import adapter_of, combine, with_adapter
-from rpe_jax.compose.mixture import mixture_weights, with_mixture
+from rpe_jax.compose.mixture import mixture_weights, set_mixture_weights, with_mixture
 from rpe_jax.tasks.segmentation import base_config
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -178,6 +178,32 @@ def test_mixture_under_jit_with_traced_weights(vit):
 
   np.testing.assert_allclose(logits(jnp.asarray(w)), vit_run(with_mixture(model, adapters, w),
                                                              x)["logits"], **TOL)
+
+
+def test_set_mixture_weights_equals_a_new_mixture(vit):
+  """Swapping only the gates (the union's factors reused) gives the model with_mixture
+  builds from the new weights — for the same batch size and another one — and leaves
+  the mixture it started from as it was."""
+  model, x = vit
+  lib = library(model, VIT_TARGETS)
+  adapters = [lib[n] for n in "ABCD"]
+  _, w = mixture_weights(RETRIEVED, WEIGHTS)
+  mixed = with_mixture(model, adapters, w)
+  before = vit_run(mixed, x)["logits"]
+  rng = np.random.default_rng(3)
+  for rows in (B, 2):
+    new_w = rng.standard_normal((rows, 4)).astype(np.float32)
+    swapped = set_mixture_weights(mixed, adapters, new_w)
+    want = vit_run(with_mixture(model, adapters, new_w), x[:rows])
+    for key, got in vit_run(swapped, x[:rows]).items():
+      np.testing.assert_allclose(got, want[key], **TOL, err_msg=f"{key}, batch {rows}")
+  np.testing.assert_array_equal(vit_run(mixed, x)["logits"], before)
+  with pytest.raises(ValueError, match="gated layers"):
+    set_mixture_weights(model, adapters, w)
+  with pytest.raises(ValueError, match="not the mixture of these adapters"):
+    set_mixture_weights(mixed, adapters[:3] + [lib["B"]], w)   # D rank 2, B 3
+  with pytest.raises(ValueError, match=r"shape \[B, 4\]"):
+    set_mixture_weights(mixed, adapters, w[:, :3])
 
 
 def test_gate_rows_spreads_each_sample_over_its_rows():

@@ -16,6 +16,9 @@ which is exactly the forward of ``with_adapter(model, combine(U, W[b]))`` on x_b
 δW_b = Σ_i w_bi a_i b_i, never a factor-wise average. SVD-LoRA leaves keep e as a factor
 (A_U diag(e_U) B_U with the gate applied after e); mixed kinds are brought to one form as
 ``combine`` does (``models.lora.concat``).
+
+``set_mixture_weights`` gives a mixture new weights (same union, any batch size) by
+replacing the gates alone, for callers that keep one union across batches.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.lora import concat, is_lora, to_flat
+from models.lora import adapted_layers, concat, is_lora, to_flat
 from rpe_jax.compose import _copy, _targets, check_same_structure
 
 
@@ -116,4 +119,43 @@ def with_mixture(model: nnx.Module, adapters: Sequence, weights) -> nnx.Module:
   for path, leaf in flat.items():
     layers[path].set_adapter(leaf)
     layers[path].set_gate(expand(weights, ranks[path]))
+  return new
+
+
+def set_mixture_weights(mixed: nnx.Module, adapters: Sequence, weights) -> nnx.Module:
+  """``mixed`` with new per-input weights: the same as ``with_mixture(model, adapters,
+  weights)`` when ``mixed = with_mixture(model, adapters, old_weights)``, but only the gates
+  are replaced — the union's concatenated factors are reused, not rebuilt.
+
+  For a caller whose union stays fixed across batches (``pipeline.predict_per_sample``:
+  the dataset's union) this is the per-batch step; building the mixture concatenates
+  every layer's n factors again (tens of eager ops per layer), a swap is one gate per
+  layer (ViT-S, 32 rank-8 adapters on query and value, 2 CPU cores: ~110 ms to build,
+  ~25 ms to swap, nnx.split included; benchmarks/per_sample_speed.py). adapters: the union, in the order ``mixed`` was built with (only their ranks
+  are read: each gated layer must carry rank Σ r_i over exactly the adapters' paths).
+  weights: [B, n], any B (the batch size may change). Returns a new model sharing every
+  array with ``mixed``; ``mixed`` is not modified.
+  """
+  adapters = list(adapters)
+  if not adapters:
+    raise ValueError("set_mixture_weights: adapters is empty")
+  weights = check_mixture_weights(weights, len(adapters))
+  flats = [to_flat(a) for a in adapters]
+  new = _copy(mixed)
+  layers = {path: layer for path, layer in adapted_layers(new).items()
+            if layer.gate is not None}
+  if set(layers) != set(flats[0]):
+    raise ValueError(f"set_mixture_weights: the model's gated layers "
+                     f"({len(layers)}) are not the adapters' {len(flats[0])} paths; build "
+                     f"the mixture with with_mixture(model, adapters, weights) first")
+  gates: dict[tuple, jax.Array] = {}    # one expand per distinct rank pattern
+  for path, layer in layers.items():
+    ranks = tuple(f[path].rank for f in flats)
+    if layer.adapter.rank != sum(ranks):
+      raise ValueError(f"set_mixture_weights: layer {path!r} carries rank "
+                       f"{layer.adapter.rank}, but the adapters' ranks there sum to "
+                       f"{sum(ranks)}: not the mixture of these adapters")
+    if ranks not in gates:
+      gates[ranks] = expand(weights, ranks)
+    layer.set_gate(gates[ranks])
   return new
