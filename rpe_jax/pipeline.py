@@ -267,6 +267,7 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
 
   Returns (PerSampleResult, metrics or None).
   """
+  import jax
   from rpe_jax import weighting
   from rpe_jax.compose.mixture import mixture_weights, set_mixture_weights, with_mixture
   clock = clock or Clock()
@@ -277,8 +278,15 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
     found = library.query(z, k, encoder=encoder, exclude=exclude)
     _one_base_model(library, found, encoder, base_model, exclude)
   with clock("weigh"):
-    w = weighting.compute_weights(found.references, z, strategy, lam1=lam1, lam2=lam2,
-                                  lam2_rel=lam2_rel, sqdist=found.distances)
+    # The N problems are padded (copies of the last) to a bucket of rows, so that targets
+    # of nearby sizes share one compiled solve; the padding is dropped after.
+    from rpe_jax.retrieval import padded_rows
+    pad = np.minimum(np.arange(padded_rows(len(z))), len(z) - 1)
+    w = weighting.compute_weights(np.asarray(found.references)[pad], z[pad], strategy,
+                                  lam1=lam1, lam2=lam2, lam2_rel=lam2_rel,
+                                  sqdist=np.asarray(found.distances)[pad])
+    w = jax.tree.map(lambda x: x[:len(z)] if getattr(x, "ndim", 0) and len(x) == len(pad)
+                     else x, w)
   union, mixture = mixture_weights(np.asarray(found.names), np.asarray(w.weights))
   with clock("load"):
     adapters = [library.load(str(name)) for name in union]
