@@ -7,6 +7,7 @@
         --data-root ~/medmnist                                   # real data: one URI per site
     .venv/bin/python benchmarks/leave_one_out.py --task report   # the Llama report task hook
     .venv/bin/python benchmarks/leave_one_out.py --task segmentation   # the SAM hook
+    .venv/bin/python benchmarks/leave_one_out.py --per-sample    # dataset vs per-sample
 
 One LoRA per site is trained on the frozen foundation and stored in an adapter library with
 the site's task prototype (mean CLS feature of its train images). Then, for each site held
@@ -439,6 +440,9 @@ def _dispatch(task: str, argv: list[str]):
 
 def main(argv: list[str] | None = None):
   argv = list(sys.argv[1:] if argv is None else argv)
+  if "--per-sample" in argv:   # dataset-level vs per-sample: benchmarks/per_sample_loo.py
+    import per_sample_loo
+    return per_sample_loo.main([a for a in argv if a != "--per-sample"])
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--task", default="classification")
   known, rest = pre.parse_known_args(argv)
