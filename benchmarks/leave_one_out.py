@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="held-out sites whose whole λ2 path (weights, error, accuracy against "
                       "λ2/λ*) is solved, scored and drawn (*_path_<site>.png)")
   p.add_argument("--tag", default="", help="suffix of the output files' names")
+  p.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                 help="run nothing: rewrite the tables and figures of a saved run's JSON")
   p.add_argument("--held-out", nargs="+", default=None, help="only these sites (names)")
   p.add_argument("--quick", action="store_true",
                  help="3 held-out sites and λ2 in {0.1, 10} only (the library is still "
@@ -582,20 +584,26 @@ def main(argv: list[str] | None = None):
     return _dispatch(known.task, rest)
   args = build_parser().parse_args(argv)
   t0 = time.perf_counter()
-  reports = run_seeds(args)
-  stem = args.out / (("leave_one_out_quick" if args.quick else "leave_one_out") + args.tag)
-  args.out.mkdir(parents=True, exist_ok=True)
+  if args.from_json:
+    saved = json.loads(args.from_json.read_text())
+    reports, seconds = saved.get("seeds", [saved]), saved.get("seconds")
+    stem = args.from_json.with_suffix("")
+  else:
+    reports = run_seeds(args)
+    seconds = time.perf_counter() - t0
+    stem = args.out / (("leave_one_out_quick" if args.quick else "leave_one_out") + args.tag)
+  stem.parent.mkdir(parents=True, exist_ok=True)
   parts = []
   if len(reports) > 1:
-    lam2_rel = reports[0]["lam2_rel"]
-    parts.append(seed_summary.seeds_text(reports, time.perf_counter() - t0,
-                                         rel_label(lam2_rel[0]) if lam2_rel else None))
+    seconds = seconds or sum(r["total_s"] for r in reports)
+    parts.append(seed_summary.seeds_text(reports, seconds,
+                                         [rel_label(c) for c in reports[0]["lam2_rel"]]))
   parts += [seed_text(r) for r in reports]
   text = "\n\n".join(parts)
   print(text)
   stem.with_suffix(".md").write_text(text + "\n")
   stem.with_suffix(".json").write_text(json.dumps(
-      reports[0] if len(reports) == 1 else {"seeds": reports}, indent=2))
+      reports[0] if len(reports) == 1 else {"seeds": reports, "seconds": seconds}, indent=2))
   plot_accuracy(reports[0], f"{stem}_accuracy.png")
   plot_ranks(reports[0], f"{stem}_rank.png")
   for site, path in reports[0]["lambda_path"].items():

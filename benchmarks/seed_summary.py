@@ -54,21 +54,25 @@ def per_site_table(reports) -> str:
   return "\n".join(lines)
 
 
-def paired_table(reports, ref: str, against) -> str:
-  """``ref`` − each row of ``against``: site-mean difference (mean ± SE over seeds) and,
-  over every (seed, site) pair, how often ``ref`` is ahead, level, behind."""
+def paired_table(reports, refs, against) -> str:
+  """Each row of ``refs`` minus each row of ``against`` (one column per ref): the
+  difference of site means as mean ± SE over seeds, and, over every (seed, site) pair, how
+  often the ref is ahead / level / behind."""
   held = reports[0]["held_out"]
-  lines = [f"| {ref} minus | difference (mean ± SE over seeds) | ahead / level / behind "
-           f"(of {len(reports) * len(held)} seed × site pairs) |", "|---|---:|---:|"]
+  refs = [r for r in refs if r in reports[0]["accuracy"]]
+  lines = ["| minus | " + " | ".join(refs) + " |", "|---|" + "---:|" * len(refs)]
   for row in against:
-    if row == ref or row not in reports[0]["accuracy"]:
+    if row in refs or row not in reports[0]["accuracy"]:
       continue
-    diffs = [site_means(r, ref) - site_means(r, row) for r in reports]
-    each = np.array([r["accuracy"][ref][s] - r["accuracy"][row][s] for r in reports
-                     for s in held])
-    tol = 1e-9
-    lines.append(f"| {row} | {fmt(*mean_se(diffs))} | {np.sum(each > tol)} / "
-                 f"{np.sum(np.abs(each) <= tol)} / {np.sum(each < -tol)} |")
+    cells = []
+    for ref in refs:
+      diffs = [site_means(r, ref) - site_means(r, row) for r in reports]
+      each = np.array([r["accuracy"][ref][s] - r["accuracy"][row][s] for r in reports
+                       for s in held])
+      m, se = mean_se(diffs)
+      cells.append(f"{m:+.3f} ± {se:.3f} ({np.sum(each > 1e-9)}/{np.sum(np.abs(each) <= 1e-9)}"
+                   f"/{np.sum(each < -1e-9)})")
+    lines.append(f"| {row} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -108,9 +112,9 @@ def random_table(report) -> str:
   return "\n".join(lines)
 
 
-def seeds_text(reports, seconds: float, ref: str | None) -> str:
-  """The tables over seeds: summary, per site, paired differences of row ``ref`` (the
-  first scale-free sparse row) against the others, the random spread, the λ paths."""
+def seeds_text(reports, seconds: float, refs=()) -> str:
+  """The tables over seeds: summary, per site, paired differences of the rows ``refs``
+  (the scale-free sparse rows) against the others, the random spread, the λ paths."""
   first = reports[0]
   rows = rows_of(reports)
   parts = [f"## {len(reports)} seeds ({', '.join(str(r['seed']) for r in reports)}): "
@@ -119,9 +123,11 @@ def seeds_text(reports, seconds: float, ref: str | None) -> str:
            "### Mean over held-out sites, per seed and mean ± SE over seeds\n\n"
            + summary_table(reports),
            "### Per held-out site (mean ± SE over seeds)\n\n" + per_site_table(reports)]
-  if ref:
-    parts.append(f"### Paired differences: {ref} minus each row\n\n"
-                 + paired_table(reports, ref, rows))
+  if refs:
+    parts.append("### Paired differences: each scale-free sparse row minus each other row "
+                 f"(mean ± SE over seeds; in brackets, of the {len(reports)} × "
+                 f"{len(first['held_out'])} seed × site pairs, how many it is ahead / level "
+                 "/ behind)\n\n" + paired_table(reports, refs, rows))
   parts.append("### The random control's spread\n\n" + random_spread(reports))
   for site in first["lambda_path"]:
     parts.append(f"### Accuracy along the λ2 path, held out {site} (mean ± SE over seeds)\n\n"

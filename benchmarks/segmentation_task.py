@@ -87,6 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="sim temperature on Arrow distances (default --lam1)")
   p.add_argument("--no-controls", action="store_true", help="skip the control rows")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seeds", type=int, nargs="+", default=None,
+                 help="one run per seed (base, phantoms, adapters) and mean ± SE over them")
   p.add_argument("--quick", action="store_true",
                  help=f"sites {' '.join(QUICK_SITES)} (unless --sites); "
                  f"{QUICK['base_steps']} base steps, {QUICK['epochs']} adapter epochs")
@@ -135,6 +137,32 @@ def arrow_forward(prompt: str):
 
 
 def run(args) -> dict:
+  """One seed (``--seed``), or with ``--seeds`` one run per seed and the tables over seeds
+  (``benchmarks/seed_summary.py``) in ``<stem>_seeds.md``; returns the (last) DICE table."""
+  if not args.seeds:
+    return run_one(args)[0]
+  import copy
+  import seed_summary
+  t0 = time.perf_counter()
+  reports = []
+  for seed in args.seeds:
+    one = copy.copy(args)
+    one.seed = seed
+    scores, result, members, stem = run_one(one, suffix=f"_seed{seed}")
+    reports.append({"seed": seed, "accuracy": scores, "held_out": list(members),
+                    "sites": list(members), "k": result["k"], "control_k": args.control_k,
+                    "random": result["random"], "lambda_path": {}})
+  stem = Path(str(stem).rsplit("_seed", 1)[0] + "_seeds")
+  refs = [f"sparse (λ2={c:g}·λ*)" for c in args.lam2_rel]
+  text = (seed_summary.seeds_text(reports, time.perf_counter() - t0, refs)
+          + "\n")
+  stem.with_suffix(".md").write_text(text)
+  print("\n" + text + f"\nwrote {stem}.md")
+  return scores
+
+
+def run_one(args, suffix: str = "") -> tuple:
+  """One seed: (DICE table, held_out_scores' result, members, output stem)."""
   from rpe_jax.tasks.contract import TrainOptions
   from rpe_jax.tasks.registry import task_named
   if args.quick:
@@ -173,13 +201,13 @@ def run(args) -> dict:
   seconds = {"base": round(t_base - t0, 1), "library": round(t_lib - t_base, 1),
              "held_out": round(t_end - t_lib, 1), "total": round(t_end - t0, 1)}
   stem = args.out / (("segmentation_task_quick" if args.quick else "segmentation_task")
-                     + ("" if args.family == "organs" else "_graded"))
+                     + ("" if args.family == "organs" else "_graded") + suffix)
   write_outputs(stem, args, task, members, result, seconds, ylabel="DICE (held-out site)",
                 ylim=(0, 1), note=f"Prompt {args.prompt}; base trained on "
                 f"{', '.join(args.base_sites)} (phantoms of seed {args.seed + 1}); "
                 f"{args.epochs} adapter epochs, rank {args.rank}, λ1 = {args.lam1}, "
                 f"λ2 = {args.lam2}.")
-  return result["scores"][task.metric]
+  return result["scores"][task.metric], result, members, stem
 
 
 def main(argv=None):
