@@ -76,6 +76,18 @@ def paired_table(reports, refs, against) -> str:
   return "\n".join(lines)
 
 
+def per_site_paired_table(reports, ref: str, against) -> str:
+  """``ref`` minus each row of ``against``, per held-out site: mean ± SE over seeds."""
+  held = reports[0]["held_out"]
+  against = [a for a in against if a != ref and a in reports[0]["accuracy"]]
+  lines = ["| held out | " + " | ".join(against) + " |", "|---|" + "---:|" * len(against)]
+  for s in held:
+    cells = [mean_se([r["accuracy"][ref][s] - r["accuracy"][a][s] for r in reports])
+             for a in against]
+    lines.append(f"| {s} | " + " | ".join(f"{m:+.3f} ± {se:.3f}" for m, se in cells) + " |")
+  return "\n".join(lines)
+
+
 def path_table(reports, site: str) -> str:
   """Accuracy along the λ2 path of one held-out site: mean ± SE over seeds per λ2/λ*."""
   paths = [r["lambda_path"][site] for r in reports if site in r["lambda_path"]]
@@ -128,6 +140,12 @@ def seeds_text(reports, seconds: float, refs=()) -> str:
                  f"(mean ± SE over seeds; in brackets, of the {len(reports)} × "
                  f"{len(first['held_out'])} seed × site pairs, how many it is ahead / level "
                  "/ behind)\n\n" + paired_table(reports, refs, rows))
+  if refs:
+    ref = next((r for r in refs if "=0.5·" in r), refs[0])   # the pre-chosen c = 0.5
+    references = ("SFT (own adapter)", "pretrained", "own", "base")   # not compositions
+    against = [r for r in rows if not r.startswith("sparse") and r not in references]
+    parts.append(f"### Per held-out site: {ref} minus each row (mean ± SE over seeds)\n\n"
+                 + per_site_paired_table(reports, ref, against))
   parts.append("### The random control's spread\n\n" + random_spread(reports))
   for site in first["lambda_path"]:
     parts.append(f"### Accuracy along the λ2 path, held out {site} (mean ± SE over seeds)\n\n"
