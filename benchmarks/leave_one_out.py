@@ -39,7 +39,8 @@ every point and draws it (``weight_path_plot.plot_lambda_path``).
 ``--seeds`` repeats everything per seed (data draws and adapter training; the foundation is
 the same) and adds the tables over seeds (``benchmarks/seed_summary.py``): each row's mean
 over held-out sites as mean ± standard error over the seeds, per site, and paired
-differences of the first scale-free ``sparse`` row against every other row.
+differences of every scale-free ``sparse`` row against every other row (per site for
+c = 0.5).
 
 With the default data and training options the demo's cached foundation and library
 (``rpe_jax.demo``) are reused; other configurations build their library once under
@@ -76,7 +77,6 @@ import controls  # noqa: E402
 import seed_summary  # noqa: E402
 
 DEFAULT_DATA = "sites:digits"
-RANDOM_DRAWS = 20
 PATH_POINTS = np.linspace(0.0, 1.5, 16)    # λ2/λ* of the path rows (1: simplex from there)
 HOOKS = {"report": "report_task", "segmentation": "segmentation_task"}
 ENCODER_POOLING = "cls"
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--control-k", type=int, default=3,
                  help="k of the 'random' control (k adapters drawn uniformly, uniform "
                       "weights), of its like-for-like 'avg (top-k)' row and of 'arrow (top-k)'")
-  p.add_argument("--random-draws", type=int, default=RANDOM_DRAWS,
+  p.add_argument("--random-draws", type=int, default=controls.RANDOM_DRAWS,
                  help="draws of the 'random' control per held-out site")
   p.add_argument("--arrow-lam1", type=float, default=None,
                  help="temperature of 'arrow' (sim weights on Arrow distances in [0, 2]; "

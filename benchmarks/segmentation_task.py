@@ -90,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seeds", type=int, nargs="+", default=None,
                  help="one run per seed (base, phantoms, adapters) and mean ± SE over them")
   p.add_argument("--quick", action="store_true",
-                 help=f"sites {' '.join(QUICK_SITES)} (unless --sites); "
+                 help=f"sites {' '.join(QUICK_SITES)} (organs, unless --sites; "
+                 "organs-graded: all 7); "
                  f"{QUICK['base_steps']} base steps, {QUICK['epochs']} adapter epochs")
   p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 
