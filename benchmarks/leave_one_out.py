@@ -8,6 +8,8 @@
     .venv/bin/python benchmarks/leave_one_out.py --task report   # the Llama report task hook
     .venv/bin/python benchmarks/leave_one_out.py --task segmentation   # the SAM hook
     .venv/bin/python benchmarks/leave_one_out.py --per-sample    # dataset vs per-sample
+    .venv/bin/python benchmarks/leave_one_out.py --data sites:digits-graded --seeds 0 1 2 \
+        --lam2 10 --lam2-rel 0.25 0.5 0.75 --path-site rot --no-ablations   # graded sites
 
 One LoRA per site is trained on the frozen foundation and stored in an adapter library with
 the site's task prototype (mean CLS feature of its train images). Then, for each site held
@@ -17,13 +19,29 @@ strategy and composed exactly (``rpe_jax.pipeline.compose_targets``), and the co
 is evaluated on the held-out test set. Rows:
 
 * ``pretrained`` (δθ = 0) and ``SFT`` (the held-out site's own adapter: the upper reference);
-* ``nearest``, ``avg``, ``sim`` (λ1), ``lin``, ``simplex`` and ``sparse`` for each λ2;
+* ``nearest``, ``avg``, ``sim`` (λ1), ``lin``, ``simplex`` and ``sparse`` for each λ2 and
+  for each scale-free λ2 = c·λ* (``--lam2-rel``; λ* each target's exact-penalty threshold);
+* controls (``benchmarks/controls.py``), at k = ``--control-k`` (3): ``random`` (k of the
+  others drawn uniformly, uniform weights; the mean of ``--random-draws`` draws, their
+  spread in a table of its own), its like-for-like ``avg (top-k)`` (the k nearest by
+  prototype, uniform weights), and ``arrow`` (retrieval and ``sim`` weights from Arrow's
+  data-free prototypes: the top input direction of each adapted layer's ΔW, against the
+  mean input of each adapted layer over the target's unlabeled test images) at k and at
+  k = all others;
 * ablations (seeds' Table 6): ``k=1`` (nearest adapter only; every strategy gives it weight
   1) and ``+own: <strategy>`` (the pool includes the held-out site's own SFT adapter).
 
 Also the single-adapter transfer matrix (site j's adapter on site i's test set) and, per
 held-out site, the rank of each other adapter by prototype distance against its rank by
-transfer accuracy, with Spearman's ρ (the seeds' Figure 3).
+transfer accuracy, with Spearman's ρ (the seeds' Figure 3). ``--path-site`` solves the whole
+``sparse`` path of a held-out site (``weighting.lambda_path``, λ2/λ* from 0 to 1.5), scores
+every point and draws it (``weight_path_plot.plot_lambda_path``).
+
+``--seeds`` repeats everything per seed (data draws and adapter training; the foundation is
+the same) and adds the tables over seeds (``benchmarks/seed_summary.py``): each row's mean
+over held-out sites as mean ± standard error over the seeds, per site, and paired
+differences of every scale-free ``sparse`` row against every other row (per site for
+c = 0.5).
 
 With the default data and training options the demo's cached foundation and library
 (``rpe_jax.demo``) are reused; other configurations build their library once under
@@ -32,12 +50,14 @@ model's (e.g. MedMNIST on the demo ViT), a head is first fitted on ``--head-site
 split (with a LoRA merged into the kernels), which then becomes the frozen base; that site's
 held-out numbers are marked as biased.
 
-Writes benchmarks/results/leave_one_out[_quick].{json,md} and *_accuracy.png, *_rank.png.
+Writes benchmarks/results/leave_one_out[_quick]<tag>.{json,md} and *_accuracy.png,
+*_rank.png, *_path_<site>.png (the figures from the first seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib
 import json
@@ -54,7 +74,11 @@ for _p in (ROOT, ROOT / "benchmarks"):
 
 import numpy as np  # noqa: E402
 
+import controls  # noqa: E402
+import seed_summary  # noqa: E402
+
 DEFAULT_DATA = "sites:digits"
+PATH_POINTS = np.linspace(0.0, 1.5, 16)    # λ2/λ* of the path rows (1: simplex from there)
 HOOKS = {"report": "report_task", "segmentation": "segmentation_task"}
 ENCODER_POOLING = "cls"
 
@@ -87,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lam1", type=float, default=1.0, help="temperature of 'sim'")
   p.add_argument("--lam2", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0],
                  help="ℓ1 weights of 'sparse' to run (seeds' default: 10 for vision)")
+  p.add_argument("--lam2-rel", type=float, nargs="*", default=[0.5],
+                 help="scale-free ℓ1 weights of 'sparse' to run: λ2 = c·λ* per target, λ* "
+                      "its exact-penalty threshold (0: lin, 1: simplex; default 0.5)")
+  p.add_argument("--seeds", type=int, nargs="+", default=None,
+                 help="run the whole experiment once per seed (data draws, adapter training; "
+                      "the foundation stays the demo's) and report mean ± standard error "
+                      "over the seeds (default: --seed only)")
+  p.add_argument("--control-k", type=int, default=3,
+                 help="k of the 'random' control (k adapters drawn uniformly, uniform "
+                      "weights), of its like-for-like 'avg (top-k)' row and of 'arrow (top-k)'")
+  p.add_argument("--random-draws", type=int, default=controls.RANDOM_DRAWS,
+                 help="draws of the 'random' control per held-out site")
+  p.add_argument("--arrow-lam1", type=float, default=None,
+                 help="temperature of 'arrow' (sim weights on Arrow distances in [0, 2]; "
+                      "default: --lam1)")
+  p.add_argument("--no-ablations", action="store_true",
+                 help="skip the seeds' Table 6 ablations (k=1, +own)")
+  p.add_argument("--path-site", nargs="*", default=[],
+                 help="held-out sites whose whole λ2 path (weights, error, accuracy against "
+                      "λ2/λ*) is solved, scored and drawn (*_path_<site>.png)")
+  p.add_argument("--tag", default="", help="suffix of the output files' names")
+  p.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                 help="run nothing: rewrite the tables and figures of a saved run's JSON")
   p.add_argument("--held-out", nargs="+", default=None, help="only these sites (names)")
   p.add_argument("--quick", action="store_true",
                  help="3 held-out sites and λ2 in {0.1, 10} only (the library is still "
@@ -198,11 +245,17 @@ def base_and_library(args, uris, splits):
 
 # --- the experiment -------------------------------------------------------------------------
 
-def strategies(args) -> list[tuple[str, str, float]]:
-  """(row label, strategy, λ2) of the composed rows."""
-  rows = [("nearest", "nearest", 0.0), ("avg", "avg", 0.0), (f"sim (λ1={args.lam1:g})", "sim",
-          0.0), ("lin", "lin", 0.0), ("simplex", "simplex", 0.0)]
-  return rows + [(f"sparse (λ2={lam:g})", "sparse", lam) for lam in args.lam2]
+def strategies(args) -> list[tuple[str, str, float | None, float | None]]:
+  """(row label, strategy, λ2, λ2/λ*) of the composed rows."""
+  rows = [("nearest", "nearest", 0.0, None), ("avg", "avg", 0.0, None),
+          (f"sim (λ1={args.lam1:g})", "sim", 0.0, None), ("lin", "lin", 0.0, None),
+          ("simplex", "simplex", 0.0, None)]
+  return (rows + [(f"sparse (λ2={lam:g})", "sparse", lam, None) for lam in args.lam2]
+          + [(rel_label(c), "sparse", None, c) for c in args.lam2_rel])
+
+
+def rel_label(c: float) -> str:
+  return f"sparse (λ2={c:g}·λ*)"
 
 
 def accuracy_with(model, adapter, test) -> float:
@@ -214,10 +267,11 @@ def accuracy_with(model, adapter, test) -> float:
   return evaluate(merge_into(model, adapter) if adapter else model, test)
 
 
-def _compose_eval(model, lib, z, test, strategy, k, lam1, lam2, exclude):
+def _compose_eval(model, lib, z, test, strategy, k, lam1, lam2, exclude, lam2_rel=None):
   from rpe_jax.pipeline import compose_targets
   found, w, composed, kept = compose_targets(lib, z[None], k=k, strategy=strategy, lam1=lam1,
-                                             lam2=lam2, exclude=exclude)
+                                             lam2=None if lam2_rel is not None else lam2,
+                                             lam2_rel=lam2_rel, exclude=exclude)
   names = [str(n) for n in found.names[0]]
   weights = dict(zip(names, np.asarray(w.weights[0], float).round(4).tolist()))
   return accuracy_with(model, composed[0], test), weights, float(w.error[0])
@@ -230,6 +284,7 @@ def _ranks(values, descending=False) -> np.ndarray:
 
 
 def run_classification(args) -> dict:
+  """One seed (``args.seed``) of the experiment: every row for every held-out site."""
   from scipy.stats import spearmanr
 
   from rpe_jax.tasks import images as data_lib
@@ -268,20 +323,45 @@ def run_classification(args) -> dict:
       errors.setdefault(row, {})[site] = err
 
   k = len(names) - 1
+  ck = min(args.control_k, k)
+  arrow_lib = controls.arrow_library(adapters)
+  arrow_lam1 = args.lam1 if args.arrow_lam1 is None else args.arrow_lam1
+  random_runs, arrow_d2 = {}, {}
   for i in held:
     put("pretrained", i, evaluate(model, tests[i]))
     put("SFT (own adapter)", i, transfer[i][i])
-    for label, strategy, lam2 in strategies(args):
+    for label, strategy, lam2, rel in strategies(args):
       put(label, i, *_compose_eval(model, lib, z[i], tests[i], strategy, k, args.lam1, lam2,
-                                   [i]))
-    # Ablations (seeds' Table 6).
-    put("ablation k=1 (nearest only)", i,
-        *_compose_eval(model, lib, z[i], tests[i], "avg", 1, args.lam1, 0.0, [i]))
-    for label, strategy, lam2 in strategies(args)[1:]:
-      put(f"ablation +own: {label}", i,
-          *_compose_eval(model, lib, z[i], tests[i], strategy, k + 1, args.lam1, lam2, []))
-    print(f"held out {i}: " + ", ".join(f"{r} {acc[r][i]:.3f}" for r in acc
-                                        if not r.startswith("ablation")), flush=True)
+                                   [i], lam2_rel=rel))
+    # Controls: like-for-like retrieval at k = control k, random subsets, Arrow prototypes.
+    put(f"avg (top-{ck})", i,
+        *_compose_eval(model, lib, z[i], tests[i], "avg", ck, args.lam1, 0.0, [i]))
+    others = [j for j in names if j != i]
+    random_runs[i] = controls.random_control(
+        lambda a: accuracy_with(model, a, tests[i]), adapters, others, k=ck,
+        draws=args.random_draws, seed=args.seed, site=i)
+    put(f"random (k={ck})", i, random_runs[i]["mean"])
+    x = controls.mean_layer_inputs(model, arrow_lib.paths,
+                                   controls.classification_forward(model, tests[i].images))
+    for kk in dict.fromkeys((ck, k)):
+      chosen, w, d2 = controls.arrow_weights(arrow_lib, x, k=kk, lam1=arrow_lam1, exclude=[i])
+      if kk == k:
+        arrow_d2[i] = dict(zip(chosen, d2.round(5).tolist()))
+      put(f"arrow (top-{kk})" if kk < k else "arrow (all)", i,
+          accuracy_with(model, controls.combine_named(adapters, chosen, w), tests[i]),
+          dict(zip(chosen, w.round(4).tolist())), float("nan"))
+    if not args.no_ablations:
+      # Ablations (seeds' Table 6).
+      put("ablation k=1 (nearest only)", i,
+          *_compose_eval(model, lib, z[i], tests[i], "avg", 1, args.lam1, 0.0, [i]))
+      for label, strategy, lam2, rel in strategies(args)[1:]:
+        put(f"ablation +own: {label}", i,
+            *_compose_eval(model, lib, z[i], tests[i], strategy, k + 1, args.lam1, lam2, [],
+                           lam2_rel=rel))
+    print(f"seed {args.seed} held out {i}: " + ", ".join(
+        f"{r} {acc[r][i]:.3f}" for r in acc if not r.startswith("ablation")), flush=True)
+  paths = {i: lambda_path_scores(model, lib, adapters, z[i], tests[i], [i], k)
+           for i in args.path_site if i in held}
 
   # Prototype-distance rank vs single-adapter transfer rank (seeds' Figure 3).
   rank_pairs, rho = {}, {}
@@ -297,14 +377,33 @@ def run_classification(args) -> dict:
   all_t = np.concatenate([rank_pairs[i]["transfer_rank"] for i in held])
   pooled = float(spearmanr(all_d, all_t).statistic)
   pooled = pooled if np.isfinite(pooled) else None
-  return {"sites": names, "uris": uris, "held_out": held, "k": k, "lam1": args.lam1,
-          "lam2": args.lam2, "head_site": head_site, "accuracy": acc, "weights": weights,
-          "reconstruction_error": errors,
+  return {"seed": args.seed, "sites": names, "uris": uris, "held_out": held, "k": k,
+          "control_k": ck, "lam1": args.lam1, "arrow_lam1": arrow_lam1,
+          "lam2": args.lam2, "lam2_rel": args.lam2_rel, "head_site": head_site,
+          "accuracy": acc, "weights": weights,
+          "reconstruction_error": errors, "random": random_runs, "arrow_sqdist": arrow_d2,
+          "lambda_path": paths,
           "transfer": transfer, "sqdist": sqdist, "rank_pairs": rank_pairs,
           "spearman": {"per_site": rho, "pooled": pooled},
           "n_test": {i: len(tests[i]) for i in held},
           "library_build_or_load_s": round(build_s, 1),
           "total_s": round(time.perf_counter() - t0, 1)}
+
+
+def lambda_path_scores(model, lib, adapters, z, test, exclude, k) -> dict:
+  """The whole ``sparse`` path of one target (``weighting.lambda_path`` at ``PATH_POINTS``
+  × λ*, k = all others), each point composed exactly and scored: {"rel", "lam", "lam_star",
+  "names", "weights", "error", "l1", "accuracy"}."""
+  from rpe_jax import weighting
+  found = lib.query(z[None], k, exclude=exclude)
+  path = weighting.lambda_path(found.references[0], z, PATH_POINTS, relative=True)
+  names = [str(n) for n in found.names[0]]
+  w = np.asarray(path.weights, np.float64)
+  return {"rel": PATH_POINTS.tolist(), "lam": np.asarray(path.lam).tolist(),
+          "lam_star": float(path.lam_star), "names": names, "weights": w.round(5).tolist(),
+          "error": np.asarray(path.error).tolist(), "l1": np.asarray(path.l1).tolist(),
+          "accuracy": [accuracy_with(model, controls.combine_named(adapters, names, row), test)
+                       for row in w]}
 
 
 # --- tables and figures ---------------------------------------------------------------------
@@ -366,13 +465,26 @@ def weight_summary_table(report) -> str:
       continue
     ws = [np.asarray(list(per[s].values())) for s in held]
     err = np.mean([report["reconstruction_error"][row][s] for s in held])
-    lines.append(f"| {row} | {err:.3g} | {np.mean([np.abs(w).sum() for w in ws]):.2f} | "
+    err = "–" if not np.isfinite(err) else f"{err:.3g}"   # arrow: not a reconstruction
+    lines.append(f"| {row} | {err} | {np.mean([np.abs(w).sum() for w in ws]):.2f} | "
                  f"{np.mean([np.count_nonzero(w) for w in ws]):.1f} | "
                  f"{np.mean([np.sum(w < 0) for w in ws]):.1f} |")
   d = [v for i in held for j, v in report["sqdist"][i].items() if j != i]
   lines += ["", f"Squared prototype distances to the other sites: median {np.median(d):.3g}, "
             f"range {min(d):.3g}–{max(d):.3g}."]
   return "\n".join(lines)
+
+
+def plot_path(path: dict, file, site: str, seed: int) -> None:
+  """``rpe_jax.weight_path_plot.plot_lambda_path`` of a stored path (one seed)."""
+  from rpe_jax.weight_path_plot import plot_lambda_path
+  from rpe_jax.weighting import LambdaPath
+  n = len(path["rel"])
+  lp = LambdaPath(np.asarray(path["lam"]), np.float64(path["lam_star"]),
+                  np.asarray(path["weights"]), np.asarray(path["error"]),
+                  np.asarray(path["l1"]), np.zeros(n, np.int32))
+  plot_lambda_path(lp, file, names=path["names"],
+                   title=f"held out {site} (seed {seed}): sparse weights along λ2/λ*")
 
 
 def plot_accuracy(report, path) -> None:
@@ -438,6 +550,32 @@ def _dispatch(task: str, argv: list[str]):
   return module.run(parser.parse_args(argv))
 
 
+def run_seeds(args) -> list[dict]:
+  """``run_classification`` once per seed of ``--seeds`` (else ``--seed``)."""
+  reports = []
+  for seed in args.seeds or [args.seed]:
+    one = copy.copy(args)
+    one.seed, one.lam2 = seed, list(args.lam2)
+    reports.append(run_classification(one))
+  return reports
+
+
+def seed_text(report) -> str:
+  """The one-seed tables (as before the seeds option existed)."""
+  head = (f"\nNote: the head was fitted on {report['head_site']!r} (marked *): its column is "
+          "biased.\n" if report["head_site"] else "")
+  return "\n\n".join([
+      f"Seed {report['seed']}. Sites: {', '.join(report['sites'])}; k = {report['k']}; "
+      f"λ1 = {report['lam1']}; controls at k = {report['control_k']}; library built/loaded in "
+      f"{report['library_build_or_load_s']} s, total {report['total_s']} s." + head,
+      "### Held-out test accuracy\n\n" + accuracy_table(report),
+      "### The random control: spread over its draws\n\n" + seed_summary.random_table(report),
+      "### Single-adapter transfer (rows: held-out test set; columns: adapter)\n\n"
+      + transfer_table(report),
+      "### Weights: summary (means over held-out sites)\n\n" + weight_summary_table(report),
+      "### Weights per held-out site\n\n" + weights_table(report)])
+
+
 def main(argv: list[str] | None = None):
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--per-sample" in argv:   # dataset-level vs per-sample: benchmarks/per_sample_loo.py
@@ -449,27 +587,34 @@ def main(argv: list[str] | None = None):
   if known.task in HOOKS:
     return _dispatch(known.task, rest)
   args = build_parser().parse_args(argv)
-  report = run_classification(args)
-  stem = args.out / ("leave_one_out_quick" if args.quick else "leave_one_out")
-  args.out.mkdir(parents=True, exist_ok=True)
-  head = (f"\nNote: the head was fitted on {report['head_site']!r} (marked *): its column is "
-          "biased.\n" if report["head_site"] else "")
-  text = "\n\n".join([
-      f"Sites: {', '.join(report['sites'])}; k = {report['k']}; λ1 = {report['lam1']}; "
-      f"library built/loaded in {report['library_build_or_load_s']} s, total "
-      f"{report['total_s']} s." + head,
-      "### Held-out test accuracy\n\n" + accuracy_table(report),
-      "### Single-adapter transfer (rows: held-out test set; columns: adapter)\n\n"
-      + transfer_table(report),
-      "### Weights: summary (means over held-out sites)\n\n" + weight_summary_table(report),
-      "### Weights per held-out site\n\n" + weights_table(report)])
+  t0 = time.perf_counter()
+  if args.from_json:
+    saved = json.loads(args.from_json.read_text())
+    reports, seconds = saved.get("seeds", [saved]), saved.get("seconds")
+    stem = args.from_json.with_suffix("")
+  else:
+    reports = run_seeds(args)
+    seconds = time.perf_counter() - t0
+    stem = args.out / (("leave_one_out_quick" if args.quick else "leave_one_out") + args.tag)
+  stem.parent.mkdir(parents=True, exist_ok=True)
+  parts = []
+  if len(reports) > 1:
+    seconds = seconds or sum(r["total_s"] for r in reports)
+    parts.append(seed_summary.seeds_text(reports, seconds,
+                                         [rel_label(c) for c in reports[0]["lam2_rel"]]))
+  parts += [seed_text(r) for r in reports]
+  text = "\n\n".join(parts)
   print(text)
   stem.with_suffix(".md").write_text(text + "\n")
-  stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-  plot_accuracy(report, f"{stem}_accuracy.png")
-  plot_ranks(report, f"{stem}_rank.png")
-  print(f"\nwrote {stem}.json, .md, _accuracy.png, _rank.png")
-  return report
+  stem.with_suffix(".json").write_text(json.dumps(
+      reports[0] if len(reports) == 1 else {"seeds": reports, "seconds": seconds}, indent=2))
+  plot_accuracy(reports[0], f"{stem}_accuracy.png")
+  plot_ranks(reports[0], f"{stem}_rank.png")
+  for site, path in reports[0]["lambda_path"].items():
+    plot_path(path, f"{stem}_path_{site}.png", site, reports[0]["seed"])
+  print(f"\nwrote {stem}.json, .md, _accuracy.png, _rank.png"
+        + "".join(f", _path_{s}.png" for s in reports[0]["lambda_path"]))
+  return reports[0] if len(reports) == 1 else reports
 
 
 if __name__ == "__main__":

@@ -163,7 +163,8 @@ def model_task_name(model) -> str:
 _SCHEMES = {"medmnist": "classification", "tfds": "classification", "folder": "classification",
             "tasks": "classification", "masks": "segmentation", "tfds-masks": "segmentation",
             "jsonl": "report", "reports": "report"}
-_SITE_FAMILIES = {"digits": "classification", "organs": "segmentation"}
+_SITE_FAMILIES = {"digits": "classification", "digits-graded": "classification",
+                  "organs": "segmentation", "organs-graded": "segmentation"}
 
 
 def uri_task_name(uri: str) -> str:

@@ -14,6 +14,8 @@ URIs (``load(uri, split)`` / ``load_splits(uri)``):
 * ``sites:digits[/<site>][:<size>]`` — built-in: scikit-learn's 1797 real 8×8 digit scans
   rendered at several acquisition sites (``SITES``), each with its own documented shift.
   ``sites:digits/<a>+<b>+…`` mixes sites in equal proportions (``mixed_sites``).
+* ``sites:digits-graded[/<site>][:<size>]`` — the same scans at graded mixtures of three base
+  shifts (``rpe_jax.tasks.sites.GRADED_SITES``): sites whose shifts overlap.
 * ``tasks:digits[/<task>][:<size>]`` — built-in multi-task family (Med-LEGO): different label
   tasks (``TASKS``) on different image subsets and renderings.
 
@@ -154,7 +156,7 @@ def members(uri: str) -> list[str]:
   if scheme in ("sites", "tasks"):
     family, member, size = _builtin_parts(rest, uri)
     if member is None:
-      names = SITES if scheme == "sites" else TASKS
+      names = _site_table(family) if scheme == "sites" else TASKS
       suffix = f":{size}" if size != _BUILTIN_SIZE else ""
       return [f"{scheme}:{family}/{m}{suffix}" for m in names]
   return [uri]
@@ -344,24 +346,37 @@ _PER_SITE = 900   # images drawn (without replacement) from the 1797 for each si
 def _builtin_parts(rest, uri):
   body, _, size = rest.partition(":")
   family, _, member = body.partition("/")
-  if family == "organs" and uri.startswith("sites:"):
+  if family in sites.family_names("organs") and uri.startswith("sites:"):
     raise DatasetError(f"{uri!r} is a segmentation dataset family (rpe_jax.tasks.seg_data), "
                        "not a classification one")
-  if family != "digits":
-    raise DatasetError(f"{uri!r}: unknown built-in family {family!r} (available: digits)")
+  available = sites.family_names("digits") if uri.startswith("sites:") else ["digits"]
+  if family not in available:
+    raise DatasetError(f"{uri!r}: unknown built-in family {family!r} (available: "
+                       f"{', '.join(available)})")
   if size and (not size.isdigit() or int(size) < 8):
     raise DatasetError(f"{uri!r}: size must be an integer >= 8, got {size!r}")
   return family, member or None, int(size) if size else _BUILTIN_SIZE
 
 
+def _site_table(family: str) -> dict[str, dict]:
+  """The site table of a ``sites:`` family ("digits": SITES, "digits-graded": GRADED_SITES)."""
+  return sites.family_table(family, "digits")
+
+
+def _stream_offset(table: dict[str, dict]) -> int:
+  """Where a family's random streams start, so that each family draws its own digits and
+  noise (0 for ``SITES``, which keeps its data as it always was; ``tasks:`` use 100)."""
+  return 0 if table is SITES else 200
+
+
 def render_site(scans: np.ndarray, site: str, size: int = _BUILTIN_SIZE, *,
-                seed: int = 0) -> np.ndarray:
+                seed: int = 0, table: dict[str, dict] = SITES) -> np.ndarray:
   """Render 8×8 scans in [0, 1] as uint8 [N, size, size, 1] images with the site's shift
-  (``rpe_jax.tasks.sites.render``)."""
-  if site not in SITES:
-    raise DatasetError(f"unknown site {site!r}; sites: {', '.join(SITES)}")
-  rng = np.random.default_rng([seed, sites.site_index(site), 1])
-  x = sites.render(scans, site, size, rng)
+  (``rpe_jax.tasks.sites.render``); ``table``: the family's sites (default ``SITES``)."""
+  if site not in table:
+    raise DatasetError(f"unknown site {site!r}; sites: {', '.join(table)}")
+  rng = np.random.default_rng([seed, _stream_offset(table) + sites.site_index(site, table), 1])
+  x = sites.render(scans, site, size, rng, sites=table)
   return np.round(x * 255).astype(np.uint8)[..., None]
 
 
@@ -377,10 +392,11 @@ def _load_sites(rest, uri, data_root, seed) -> Splits:
   family, site, size = _builtin_parts(rest, uri)
   if site is None:
     raise DatasetError(f"{uri!r} is a family of sites; load one of: {', '.join(members(uri))}")
-  if site not in SITES:
-    raise DatasetError(f"{uri!r}: unknown site {site!r}; sites: {', '.join(SITES)}")
-  scans, digits = _digits(list(SITES).index(site), seed)
-  ds = _dataset(render_site(scans, site, size, seed=seed), digits,
+  table = _site_table(family)
+  if site not in table:
+    raise DatasetError(f"{uri!r}: unknown site {site!r}; sites: {', '.join(table)}")
+  scans, digits = _digits(_stream_offset(table) + list(table).index(site), seed)
+  ds = _dataset(render_site(scans, site, size, seed=seed, table=table), digits,
                 [str(i) for i in range(10)], uri)
   return _split_fractions(ds, (0.6, 0.2), seed)
 

@@ -22,6 +22,8 @@ URIs (``load(uri, split)`` / ``load_splits(uri)``):
   which the benchmarks use, is the same generator with its own train / test counts: at its
   defaults (96 + 64) its images are these 160, in order. ``sites:organs/<a>+<b>+…`` mixes
   sites in equal proportions: each split is the members' splits, one after the other.
+* ``sites:organs-graded[/<site>][:<size>]`` — the same phantoms at graded mixtures of three
+  base shifts (``rpe_jax.tasks.sites.GRADED_SITES``): sites whose shifts overlap.
 * ``tfds-masks:<name>[:<split>][:<foreground values>]`` — a tensorflow-datasets segmentation
   dataset (one with an ``image`` and a ``segmentation_mask`` feature, e.g. ``oxford_iiit_pet``,
   whose trimap is 1 pet, 2 background, 3 border) read through tfds' random-access
@@ -134,14 +136,21 @@ def _anatomy(n: int, size: int, rng: np.random.Generator):
   return images, masks
 
 
-def apply_site(images: np.ndarray, masks: np.ndarray, site: str, *, seed: int = 0):
-  """Apply the acquisition shift of ``site`` (``rpe_jax.tasks.sites``) to clean images
-  [N, H, W] (masks follow only the geometric part). Returns (images float32 [N, H, W, 1] in
-  [0, 1], masks bool [N, H, W])."""
-  if site not in SITES:
-    raise ValueError(f"unknown segmentation site {site!r}; sites: {', '.join(SITES)}")
-  rng = np.random.default_rng([seed, sites.site_index(site), 7])
-  x, m = sites.render(images.astype(np.float64), site, images.shape[1], rng, masks=masks)
+def _stream_offset(table: dict[str, dict]) -> int:
+  """Where a family's random streams start (0 for ``SITES``: its data stay as they were)."""
+  return 0 if table is SITES else 200
+
+
+def apply_site(images: np.ndarray, masks: np.ndarray, site: str, *, seed: int = 0,
+               table: dict[str, dict] = SITES):
+  """Apply the acquisition shift of ``site`` (``rpe_jax.tasks.sites``; ``table``: the
+  family's sites, default ``SITES``) to clean images [N, H, W] (masks follow only the
+  geometric part). Returns (images float32 [N, H, W, 1] in [0, 1], masks bool [N, H, W])."""
+  if site not in table:
+    raise ValueError(f"unknown segmentation site {site!r}; sites: {', '.join(table)}")
+  rng = np.random.default_rng([seed, _stream_offset(table) + sites.site_index(site, table), 7])
+  x, m = sites.render(images.astype(np.float64), site, images.shape[1], rng, masks=masks,
+                      sites=table)
   return x.astype(np.float32)[..., None], m
 
 
@@ -153,15 +162,16 @@ class SiteSplits(NamedTuple):
 
 
 def load_site(site: str, *, size: int = 32, n_train: int = 96, n_test: int = 64,
-              seed: int = 0) -> SiteSplits:
-  """One site of the built-in family: fresh anatomy per site (seeded by site and seed)."""
-  if site not in SITES:
-    raise ValueError(f"unknown segmentation site {site!r}; sites: {', '.join(SITES)}")
+              seed: int = 0, table: dict[str, dict] = SITES) -> SiteSplits:
+  """One site of a built-in family (``table``, default ``SITES``): fresh anatomy per site
+  (seeded by site and seed)."""
+  if site not in table:
+    raise ValueError(f"unknown segmentation site {site!r}; sites: {', '.join(table)}")
   if size < 16:
     raise ValueError(f"size must be >= 16, got {size}")
-  rng = np.random.default_rng([seed, list(SITES).index(site), 3])
+  rng = np.random.default_rng([seed, _stream_offset(table) + list(table).index(site), 3])
   clean, masks = _anatomy(n_train + n_test, size, rng)
-  images, masks = apply_site(clean, masks, site, seed=seed)
+  images, masks = apply_site(clean, masks, site, seed=seed, table=table)
   name = f"seg:{site}"
   return SiteSplits(SegDataset(images[:n_train], masks[:n_train], f"{name}/train"),
                    SegDataset(images[n_train:], masks[n_train:], f"{name}/test"))
@@ -262,7 +272,7 @@ def members(uri: str) -> list[str]:
     family, site, size = _builtin_parts(rest, uri)
     if site is None:
       suffix = f":{size}" if size != _BUILTIN_SIZE else ""
-      return [f"sites:{family}/{s}{suffix}" for s in SITES]
+      return [f"sites:{family}/{s}{suffix}" for s in sites.family_table(family, "organs")]
   return [uri]
 
 
@@ -415,15 +425,17 @@ def _read_masks(rest: str, uri: str, data_root: str | None) -> SegDataset:
 def _builtin_parts(rest: str, uri: str):
   body, _, size = rest.partition(":")
   family, _, site = body.partition("/")
-  if family == "digits":
+  if family in sites.family_names("digits"):
     raise DatasetError(f"{uri!r} is a classification dataset family (rpe_jax.tasks.images), "
                        "not a segmentation one")
-  if family != "organs":
-    raise DatasetError(f"{uri!r}: unknown built-in family {family!r} (available: organs)")
+  table = sites.family_table(family, "organs")
+  if table is None:
+    raise DatasetError(f"{uri!r}: unknown built-in family {family!r} (available: "
+                       f"{', '.join(sites.family_names('organs'))})")
   if size and (not size.isdigit() or int(size) < 16 or int(size) % 16):
     raise DatasetError(f"{uri!r}: size must be a multiple of 16, got {size!r}")
-  if site and site not in SITES:
-    raise DatasetError(f"{uri!r}: unknown site {site!r}; sites: {', '.join(SITES)}")
+  if site and site not in table:
+    raise DatasetError(f"{uri!r}: unknown site {site!r}; sites: {', '.join(table)}")
   return family, site or None, int(size) if size else _BUILTIN_SIZE
 
 
@@ -432,7 +444,8 @@ def _read_site(rest: str, uri: str, seed: int) -> SegDataset:
   if site is None:
     raise DatasetError(f"{uri!r} is a family of sites; load one of: {', '.join(members(uri))}")
   # load_site's generator, all of it as one pool (its own two-way split is the benchmarks').
-  whole = load_site(site, size=size, n_train=PER_SITE, n_test=0, seed=seed).train
+  whole = load_site(site, size=size, n_train=PER_SITE, n_test=0, seed=seed,
+                    table=sites.family_table(family, "organs")).train
   return whole._replace(name=uri)
 
 

@@ -15,6 +15,20 @@ per-image jitter where noted):
 The classification family (``rpe_jax.tasks.images``, digit scans) and the segmentation
 family (``rpe_jax.tasks.segmentation``, organ phantoms with masks) both render through
 ``render``; masks follow the geometric shifts only.
+
+Two tables of sites (``TABLES``, by family suffix):
+
+* ``SITES`` (``sites:digits``, ``sites:organs``): eight distinct, mostly non-overlapping
+  shifts. No combination of the other sites' adapters holds the fix for a held-out one.
+* ``GRADED_SITES`` (``sites:digits-graded``, ``sites:organs-graded``): graded mixtures of
+  three base shifts (``GRADED_BASES``: rotation, Rician noise, bias field — none of which
+  the demo foundation saw in pre-training), like several scanners of one anatomy. Site s
+  with mixture coefficients α (``GRADED_MIX``, Σα = 1) has the parameters
+  p(s) = p₀ + Σ_j α_j (p_j − p₀), p₀ the identity (no shift) and p_j base j's, for every
+  interpolable key (``mix_shifts``): the vertices are the bases, the edge midpoints halve
+  two of them, the centre holds a third of each. A held-out centre or midpoint lies inside
+  the convex hull of the others' parameters; a held-out vertex lies outside it but in
+  their affine span (rot = rot_noise + rot_bias − noise_bias) — the case for negative weights.
 """
 
 from __future__ import annotations
@@ -33,6 +47,73 @@ SITES: dict[str, dict] = {
 }
 SHIFT_KEYS = frozenset({"rotate", "lowres", "blur", "gamma", "contrast", "offset", "bias",
                         "invert", "noise"})
+# The parameter of "no shift" for every key a mixture can interpolate (lowres and invert are
+# discrete: not mixable).
+IDENTITY = {"rotate": 0.0, "blur": 0.0, "gamma": 1.0, "contrast": 1.0, "offset": 0.0,
+            "bias": 0.0, "noise": 0.0}
+
+GRADED_BASES: dict[str, dict] = {
+    "rot": {"rotate": 30.0},
+    "noise": {"noise": 0.2},
+    "bias": {"bias": 0.9},
+}
+_THIRD = 1.0 / 3.0
+GRADED_MIX: dict[str, dict[str, float]] = {
+    "rot": {"rot": 1.0},
+    "noise": {"noise": 1.0},
+    "bias": {"bias": 1.0},
+    "rot_noise": {"rot": 0.5, "noise": 0.5},
+    "rot_bias": {"rot": 0.5, "bias": 0.5},
+    "noise_bias": {"noise": 0.5, "bias": 0.5},
+    "rot_noise_bias": {"rot": _THIRD, "noise": _THIRD, "bias": _THIRD},
+}
+
+
+def mix_shifts(coefficients: dict[str, float], bases: dict[str, dict] = GRADED_BASES) -> dict:
+  """The shift parameters p₀ + Σ_j α_j (p_j − p₀) of a mixture of base shifts.
+
+  ``coefficients`` maps base names to α_j ≥ 0 with Σα = 1 (a convex mixture); p₀ is
+  ``IDENTITY``. Keys left at their identity value are dropped, so a mixture without
+  rotation has no rotation (and no rotation jitter). ``ValueError`` for an unknown base,
+  a negative or non-normalised α, or a base with a key that cannot be interpolated.
+
+  Example:
+    >>> mix_shifts({"rot": 0.5, "noise": 0.5})
+    {'noise': 0.1, 'rotate': 15.0}
+  """
+  unknown = set(coefficients) - set(bases)
+  if unknown:
+    raise ValueError(f"unknown base shifts {sorted(unknown)}; bases: {', '.join(bases)}")
+  alpha = {name: float(a) for name, a in coefficients.items()}
+  if min(alpha.values(), default=-1.0) < 0 or abs(sum(alpha.values()) - 1.0) > 1e-9:
+    raise ValueError(f"mixture coefficients must be >= 0 and sum to 1, got {coefficients}")
+  params = dict(IDENTITY)
+  for name, a in alpha.items():
+    fixed = set(bases[name]) - set(IDENTITY)
+    if fixed:
+      raise ValueError(f"base shift {name!r} has keys {sorted(fixed)} that cannot be mixed")
+    for key, value in bases[name].items():
+      params[key] += a * (float(value) - IDENTITY[key])
+  return {key: round(v, 12) for key, v in sorted(params.items()) if v != IDENTITY[key]}
+
+
+GRADED_SITES: dict[str, dict] = {name: mix_shifts(c) for name, c in GRADED_MIX.items()}
+# Family suffix → site table: "digits" / "organs" use SITES, "digits-graded" /
+# "organs-graded" GRADED_SITES.
+TABLES: dict[str, dict[str, dict]] = {"": SITES, "-graded": GRADED_SITES}
+
+
+def family_table(family: str, base: str) -> dict[str, dict] | None:
+  """The site table of a built-in family name (``base`` plus a ``TABLES`` suffix, e.g.
+  "digits-graded" for base "digits"), or None when ``family`` is not one of them."""
+  if not family.startswith(base):
+    return None
+  return TABLES.get(family[len(base):])
+
+
+def family_names(base: str) -> list[str]:
+  """Every built-in family name of ``base`` ("digits" → ["digits", "digits-graded"])."""
+  return [base + suffix for suffix in TABLES]
 
 
 def site_params(site: str, sites: dict[str, dict] = SITES) -> dict:
