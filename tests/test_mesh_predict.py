@@ -108,3 +108,13 @@ def test_per_sample_predictions_on_a_mesh_equal_one_device(tmp_path):
   assert len(one.union) == 3 and one.stats["distinct_adapters_per_batch"][0] == 3
   np.testing.assert_array_equal(many.mixture, one.mixture)
   np.testing.assert_array_equal(many.predictions, one.predictions)
+  # Each input ran its own composition: input n alone through with_adapter(combine(U, W[n]))
+  # (in both batches, the second one padded).
+  from rpe_jax.compose import combine, with_adapter
+  from rpe_jax.tasks.classification import predict_labels
+  with Library.open(tmp_path / "lib", readonly=True) as lib:
+    adapters = [lib.load(n) for n in one.union]
+  rows = np.arange(len(ds))
+  alone = [predict_labels(with_adapter(model, combine(adapters, one.mixture[n])),
+                          task.subset(ds, rows[n:n + 1]))[0] for n in rows]
+  np.testing.assert_array_equal(one.predictions, alone)
