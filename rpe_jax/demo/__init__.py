@@ -178,6 +178,7 @@ def held_out_rows(task, tm, lib, target, held_out: str, *, k: int, lam1: float,
     return task.score(predictions, target, **options)[task.metric]
 
   z = task.prototype(tm, target).z
+  features = task.features(tm, target) if per_sample else None   # one pass for every row
   rows = [{"method": "pretrained", task.metric: score(tm.model), "weights": {}}]
   for strategy in STRATEGIES:
     found, w, composed, kept = compose_targets(
@@ -191,7 +192,7 @@ def held_out_rows(task, tm, lib, target, held_out: str, *, k: int, lam1: float,
       from rpe_jax.pipeline import predict_per_sample
       result, metrics = predict_per_sample(lib, task, tm, target, k=k, strategy=strategy,
                                            lam1=lam1, lam2=lam2, exclude=[held_out],
-                                           evaluate=True, **options)
+                                           evaluate=True, features=features, **options)
       rows[-1]["per_sample"] = metrics[task.metric]
       rows[-1]["per_sample_inputs_per_adapter"] = result.stats["inputs_per_adapter"]
   own = combine([lib.load(held_out)], np.ones(1, np.float32))
@@ -227,6 +228,79 @@ def run_demo(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: floa
           "lam1": lam1, "lam2": lam2, "library": str(cache_dir() / "library"),
           "n_target": len(target), "build_or_load_s": round(build_s, 2),
           "total_s": round(time.perf_counter() - t0, 2), "results": rows}
+
+
+def member_library(demo_module, task, tm, options):
+  """The library of a task demo (``rpe_jax.demo.segmentation`` / ``.report``): one adapter
+  per ``demo_module.MEMBERS``, trained through the task contract with ``options`` and stored
+  with its prototype (the member's train split under the frozen base) and its task; built
+  once under ``demo_module.cache_folder()``."""
+  from rpe_jax.library.catalog import Library
+  folder = demo_module.cache_folder() / "library"
+  if not (folder / "catalog.sqlite").exists():
+
+    def build(tmp):
+      lib = Library.create(tmp)
+      for member in demo_module.MEMBERS:
+        print(f"training the {member!r} adapter ...", file=sys.stderr)
+        uri = demo_module._uri(member)
+        trained = task.train(tm, uri, options)
+        proto = task.prototype(tm, trained.train_data)
+        lib.add(member, trained.adapter, proto.z, base_model=demo_module.BASE_MODEL,
+                encoder=demo_module.ENCODER, n_samples=proto.n, pooling=task.pooling,
+                metadata={"data": uri, "task": task.name,
+                          f"val_{task.metric}": trained.summary["val"],
+                          f"initial_val_{task.metric}": trained.summary["initial_val"]})
+      lib.close()
+
+    _build_atomically(folder, build)
+  return Library.open(folder, readonly=True)
+
+
+def run_member_demo(demo_module, task, *, held_out: str, k: int, lam1: float, lam2: float,
+                    target: str | None, per_sample: bool, member: str, members: str,
+                    predict_options: dict, **extra) -> dict:
+  """A task demo's run: build or load its base and library, hold ``held_out`` out and score
+  the table (``held_out_rows``) on the test split of ``target`` (default: the held-out
+  member). ``member`` / ``members`` name a member in messages; ``extra`` goes into the
+  report."""
+  t0 = time.perf_counter()
+  tm = demo_module.base()
+  lib = demo_module.library(tm)
+  if held_out not in lib.names():
+    raise ValueError(f"unknown held-out {member} {held_out!r}; {members}: "
+                     f"{', '.join(lib.names())}")
+  build_s = time.perf_counter() - t0
+  uri = target_uri(demo_module._uri, held_out, target)
+  target = task.load(uri, "test", seed=SEED)
+  rows = held_out_rows(task, tm, lib, target, held_out, k=k, lam1=lam1, lam2=lam2,
+                       predict_options=predict_options, per_sample=per_sample)
+  return {"task": task.name, "metric": task.metric, "target": uri, "member": member,
+          "held_out": held_out, "k": min(k, len(lib.names()) - 1), "lam1": lam1,
+          "lam2": lam2, **extra, "library": str(demo_module.cache_folder() / "library"),
+          "n_target": task.size(target), "build_or_load_s": round(build_s, 2),
+          "total_s": round(time.perf_counter() - t0, 2), "results": rows}
+
+
+def member_demo_main(demo_module, argv, *, description: str, member: str, members: str,
+                     example: str | None) -> int:
+  """``python -m rpe_jax.compose --demo TASK`` for a task demo module (its ``run``)."""
+  name = demo_module.__name__.rsplit(".", 1)[1]
+  parser = argparse.ArgumentParser(prog=f"python -m rpe_jax.compose --demo {name}",
+                                   description=description)
+  parser.add_argument("--held-out", default=demo_module.HELD_OUT, choices=demo_module.MEMBERS,
+                      help=f"{member} to hold out ({demo_module.HELD_OUT})")
+  parser.add_argument("--k", type=int, default=4)
+  parser.add_argument("--lam1", type=float, default=1.0)
+  parser.add_argument("--lam2", type=float, default=demo_module.LAM2)
+  add_target_args(parser, members, example)
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+  print(f"rpe_jax {name} demo — cache: {demo_module.cache_folder()}", file=sys.stderr)
+  report = demo_module.run(args.held_out, args.k, args.lam1, args.lam2,
+                           getattr(args, "target", None), args.per_sample)
+  print(json.dumps(report, indent=2) if args.json else format_report(report))
+  return 0
 
 
 def format_report(report) -> str:

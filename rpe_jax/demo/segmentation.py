@@ -18,10 +18,7 @@ usual SAM evaluation protocol: the weights never see a mask, the prompts do.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 from rpe_jax import demo
 
@@ -70,71 +67,26 @@ def base():
 
 
 def library(tm):
-  """The demo library: one LoRA per member site with its prototype (built once)."""
-  from rpe_jax.library.catalog import Library
+  """The demo library: one LoRA per member with its prototype (built once)."""
   from rpe_jax.tasks.contract import TrainOptions
   from rpe_jax.tasks.segmentation import SegmentationTask
-  folder = cache_folder() / "library"
-  if not (folder / "catalog.sqlite").exists():
-    task = SegmentationTask()
-
-    def build(tmp):
-      lib = Library.create(tmp)
-      size = _size()
-      options = TrainOptions(rank=size["rank"], epochs=size["adapter_epochs"], prompt=PROMPT,
-                             seed=demo.SEED)
-      for site in MEMBERS:
-        print(f"training the {site!r} adapter ...", file=sys.stderr)
-        trained = task.train(tm, _uri(site), options)
-        proto = task.prototype(tm, task.load(_uri(site), "train", seed=demo.SEED))
-        lib.add(site, trained.adapter, proto.z, base_model=BASE_MODEL, encoder=ENCODER,
-                n_samples=proto.n, pooling=task.pooling,
-                metadata={"data": _uri(site), "task": task.name, "val_dice":
-                          trained.summary["val"],
-                          "initial_val_dice": trained.summary["initial_val"]})
-      lib.close()
-
-    demo._build_atomically(folder, build)
-  return Library.open(folder, readonly=True)
+  size = _size()
+  options = TrainOptions(rank=size["rank"], epochs=size["adapter_epochs"],
+                         prompt=PROMPT, seed=demo.SEED)
+  return demo.member_library(sys.modules[__name__], SegmentationTask(), tm, options)
 
 
 def run(held_out: str = HELD_OUT, k: int = 4, lam1: float = 1.0, lam2: float = LAM2,
         target: str | None = None, per_sample: bool = False) -> dict:
   from rpe_jax.tasks.segmentation import SegmentationTask
-  t0 = time.perf_counter()
-  tm = base()
-  lib = library(tm)
-  if held_out not in lib.names():
-    raise ValueError(f"unknown held-out site {held_out!r}; sites: {', '.join(lib.names())}")
-  build_s = time.perf_counter() - t0
-  task = SegmentationTask()
-  uri = demo.target_uri(_uri, held_out, target)
-  target = task.load(uri, "test", seed=demo.SEED)
-  rows = demo.held_out_rows(task, tm, lib, target, held_out, k=k, lam1=lam1, lam2=lam2,
-                            predict_options={"prompt": PROMPT},
-                            per_sample=per_sample)
-  return {"task": task.name, "metric": task.metric, "target": uri, "member": "site",
-          "held_out": held_out,
-          "k": min(k, len(lib.names()) - 1), "lam1": lam1, "lam2": lam2, "prompt": PROMPT,
-          "library": str(cache_folder() / "library"), "n_target": task.size(target),
-          "build_or_load_s": round(build_s, 2),
-          "total_s": round(time.perf_counter() - t0, 2), "results": rows}
+  return demo.run_member_demo(sys.modules[__name__], SegmentationTask(), held_out=held_out,
+                              k=k, lam1=lam1, lam2=lam2, target=target, per_sample=per_sample,
+                              member="site", members="sites",
+                              predict_options={"prompt": PROMPT}, prompt=PROMPT)
 
 
 def main(argv) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m rpe_jax.compose --demo segmentation",
-      description="The segmentation demo: a tiny SAM and one LoRA per built-in organ site.")
-  parser.add_argument("--held-out", default=HELD_OUT, choices=MEMBERS,
-                      help=f"site to hold out ({HELD_OUT})")
-  parser.add_argument("--k", type=int, default=4)
-  parser.add_argument("--lam1", type=float, default=1.0)
-  parser.add_argument("--lam2", type=float, default=LAM2)
-  demo.add_target_args(parser, "sites", "scanner+blur+noisy")
-  parser.add_argument("--json", action="store_true")
-  args = parser.parse_args(argv)
-  print(f"rpe_jax segmentation demo — cache: {cache_folder()}", file=sys.stderr)
-  report = run(args.held_out, args.k, args.lam1, args.lam2, getattr(args, "target", None),
-               args.per_sample)
-  print(json.dumps(report, indent=2) if args.json else demo.format_report(report))
-  return 0
+  return demo.member_demo_main(
+      sys.modules[__name__], argv,
+      description="The segmentation demo: a tiny SAM and one LoRA per built-in organ site.",
+      member="site", members="sites", example="scanner+blur+noisy")
