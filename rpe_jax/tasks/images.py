@@ -84,29 +84,43 @@ def _dataset(images, labels, class_names, name) -> ImageDataset:
                       tuple(class_names))
 
 
-def _split_fractions(ds: ImageDataset, fractions, seed: int) -> Splits:
-  """Divide one dataset into train/val/test by a seeded permutation."""
-  perm = np.random.default_rng(seed).permutation(len(ds))
-  n_train = int(round(fractions[0] * len(ds)))
-  n_val = int(round(fractions[1] * len(ds)))
+def seeded_parts(n: int, fractions, seed: int) -> tuple:
+  """Train/val/test indices (each sorted) of n examples by a permutation seeded by ``seed``:
+  the first round(f_train·n) for train, the next round(f_val·n) for val, the rest for test.
+  Every task's data divides by this one draw."""
+  perm = np.random.default_rng(seed).permutation(n)
+  n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
   parts = (perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:])
-  return Splits(*(dataclasses.replace(ds.subset(np.sort(p)), name=f"{ds.name}[{s}]")
-                  for p, s in zip(parts, Splits._fields)))
+  return tuple(np.sort(p) for p in parts)
+
+
+def _split_fractions(ds: ImageDataset, fractions, seed: int) -> Splits:
+  """Divide one dataset into train/val/test by a seeded permutation (``seeded_parts``)."""
+  return Splits(*(dataclasses.replace(ds.subset(p), name=f"{ds.name}[{s}]")
+                  for p, s in zip(seeded_parts(len(ds), fractions, seed), Splits._fields)))
 
 
 # --- URIs ----------------------------------------------------------------------------------
 
-def _scheme(uri: str) -> tuple[str, str]:
+def parse_uri(uri: str, schemes, kind: str = "") -> tuple[str, str]:
+  """(scheme, rest) of a dataset URI ``scheme:rest``; ``DatasetError`` naming the URI when
+  it has no scheme, one not in ``schemes``, or nothing after it. ``kind`` ("segmentation",
+  "report") qualifies the messages of the other tasks' URIs."""
+  what = f"{kind} dataset URI".strip()
+  expected = ", ".join(s + ":" for s in schemes)
   if not isinstance(uri, str) or ":" not in uri:
-    raise DatasetError(f"dataset URI {uri!r} has no scheme; expected one of "
-                       "medmnist:, tfds:, folder:, sites:, tasks:")
+    raise DatasetError(f"{what} {uri!r} has no scheme; expected one of {expected}")
   scheme, rest = uri.split(":", 1)
-  if scheme not in _LOADERS:
-    raise DatasetError(f"unknown dataset URI scheme {scheme!r} in {uri!r}; expected one of "
-                       f"{', '.join(s + ':' for s in _LOADERS)}")
+  if scheme not in schemes:
+    raise DatasetError(f"unknown {what} scheme {scheme!r} in {uri!r}; expected one of "
+                       f"{expected}")
   if not rest:
     raise DatasetError(f"dataset URI {uri!r} names no dataset")
   return scheme, rest
+
+
+def _scheme(uri: str) -> tuple[str, str]:
+  return parse_uri(uri, _LOADERS)
 
 
 def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> Splits:
@@ -236,6 +250,21 @@ def _load_medmnist(rest, uri, data_root, seed) -> Splits:
 
 # --- tensorflow-datasets --------------------------------------------------------------------
 
+def tfds_records(tfds, name: str, split: str, uri: str, data_root: str | None) -> list:
+  """Every record of a prepared tfds split (random access, no download); ``DatasetError``
+  naming ``uri`` when it cannot be read or is empty."""
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_root, download=False)
+    records = [source[i] for i in range(len(source))]
+  except Exception as e:
+    first = str(e).splitlines()
+    raise DatasetError(f"{uri!r}: cannot read split {split!r} from data dir "
+                       f"{data_root}: {first[0] if first else type(e).__name__}") from e
+  if not records:
+    raise DatasetError(f"{uri!r}: split {split!r} is empty")
+  return records
+
+
 def _load_tfds(rest, uri, data_root, seed) -> Splits:
   try:
     import tensorflow_datasets as tfds  # lazy: optional dependency
@@ -251,14 +280,7 @@ def _load_tfds(rest, uri, data_root, seed) -> Splits:
   names = list(getattr(label_feature, "names", None) or [])
 
   def read(tfds_split) -> ImageDataset:
-    try:
-      source = tfds.data_source(name, split=tfds_split, data_dir=data_root, download=False)
-      records = [source[i] for i in range(len(source))]
-    except Exception as e:
-      raise DatasetError(f"{uri!r}: cannot read split {tfds_split!r} from data dir "
-                         f"{data_root}: {str(e).splitlines()[0]}") from e
-    if not records:
-      raise DatasetError(f"{uri!r}: split {tfds_split!r} is empty")
+    records = tfds_records(tfds, name, tfds_split, uri, data_root)
     images = np.stack([np.asarray(r[image_key]) for r in records])
     labels = np.asarray([r[label_key] for r in records])
     return _dataset(images, labels, names or [str(i) for i in range(1 + labels.max())],

@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from rpe_jax.tasks.images import DatasetError
+from rpe_jax.tasks.images import DatasetError, parse_uri, seeded_parts
 
 # --- Reports and JSONL ---------------------------------------------------------------
 
@@ -147,7 +147,7 @@ def synthetic_reports(modality: str, n: int, seed: int = 0) -> list[Report]:
   return reports
 
 
-# --- URIs ----------------------------------------------------------------------------
+# --- Datasets ------------------------------------------------------------------------
 
 SCHEMES = ("jsonl", "reports")
 SPLITS = ("train", "val", "test", "all")
@@ -194,28 +194,15 @@ class ReportSplits(NamedTuple):
 
 
 def _split(ds: ReportDataset, fractions, seed: int) -> ReportSplits:
-  """Train/val/test by a seeded permutation: the same draw as ``images._split_fractions``."""
-  n = len(ds)
-  perm = np.random.default_rng(seed).permutation(n)
-  n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
-  parts = (perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:])
-  return ReportSplits(*(ds.subset(np.sort(p), f"{ds.name}[{s}]")
-                        for p, s in zip(parts, ReportSplits._fields)))
+  """Train/val/test by a seeded permutation (``images.seeded_parts``, every task's draw)."""
+  return ReportSplits(*(ds.subset(p, f"{ds.name}[{s}]") for p, s in
+                        zip(seeded_parts(len(ds), fractions, seed), ReportSplits._fields)))
 
 
 # --- URIs ----------------------------------------------------------------------------------
 
 def _scheme(uri: str) -> tuple[str, str]:
-  if not isinstance(uri, str) or ":" not in uri:
-    raise DatasetError(f"report dataset URI {uri!r} has no scheme; expected one of "
-                       f"{', '.join(s + ':' for s in SCHEMES)}")
-  scheme, rest = uri.split(":", 1)
-  if scheme not in SCHEMES:
-    raise DatasetError(f"unknown report dataset URI scheme {scheme!r} in {uri!r}; "
-                       f"expected one of {', '.join(s + ':' for s in SCHEMES)}")
-  if not rest:
-    raise DatasetError(f"dataset URI {uri!r} names no dataset")
-  return scheme, rest
+  return parse_uri(uri, SCHEMES, "report")
 
 
 def _read(uri: str, data_root: str | None, seed: int) -> tuple[ReportDataset, tuple]:

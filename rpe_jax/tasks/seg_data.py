@@ -54,7 +54,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rpe_jax.tasks import sites
-from rpe_jax.tasks.images import DatasetError
+from rpe_jax.tasks.images import DatasetError, parse_uri, seeded_parts, tfds_records
 from rpe_jax.tasks.sites import SITES
 
 SCHEMES = ("masks", "sites", "tfds-masks")
@@ -187,15 +187,6 @@ def _subset(ds: SegDataset, index, name: str) -> SegDataset:
   return SegDataset(ds.images[index], None if ds.masks is None else ds.masks[index], name)
 
 
-def _seeded_parts(n: int, fractions, seed: int) -> tuple:
-  """Train/val/test indices by a seeded permutation: the same draw as
-  ``images._split_fractions``."""
-  perm = np.random.default_rng(seed).permutation(n)
-  n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
-  parts = (perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:])
-  return tuple(np.sort(p) for p in parts)
-
-
 def _consecutive_parts(lengths) -> tuple:
   """Train/val/test indices of a dataset that is its three splits concatenated."""
   ends = np.cumsum(lengths)
@@ -210,16 +201,7 @@ def _split(ds: SegDataset, parts) -> SegSplits:
 # --- URIs ----------------------------------------------------------------------------------
 
 def _scheme(uri: str) -> tuple[str, str]:
-  if not isinstance(uri, str) or ":" not in uri:
-    raise DatasetError(f"segmentation dataset URI {uri!r} has no scheme; expected one of "
-                       f"{', '.join(s + ':' for s in SCHEMES)}")
-  scheme, rest = uri.split(":", 1)
-  if scheme not in SCHEMES:
-    raise DatasetError(f"unknown segmentation dataset URI scheme {scheme!r} in {uri!r}; "
-                       f"expected one of {', '.join(s + ':' for s in SCHEMES)}")
-  if not rest:
-    raise DatasetError(f"dataset URI {uri!r} names no dataset")
-  return scheme, rest
+  return parse_uri(uri, SCHEMES, "segmentation")
 
 
 def _read(uri: str, data_root: str | None, seed: int) -> tuple[SegDataset, tuple]:
@@ -231,7 +213,7 @@ def _read(uri: str, data_root: str | None, seed: int) -> tuple[SegDataset, tuple
     ds, fractions = _read_masks(rest, uri, data_root), _FILE_FRACTIONS
   else:
     ds, fractions = _read_site(rest, uri, seed), _BUILTIN_FRACTIONS
-  return ds, _seeded_parts(len(ds.images), fractions, seed)
+  return ds, seeded_parts(len(ds.images), fractions, seed)
 
 
 def load_splits(uri: str, *, data_root: str | None = None, seed: int = 0) -> SegSplits:
@@ -504,18 +486,6 @@ def _tfds_splits(builder, uri: str) -> list[str]:
   return ["train", val, "test"] if val and "test" in available else ["train"]
 
 
-def _tfds_records(tfds, name: str, split: str, uri: str, data_root: str | None) -> list:
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_root, download=False)
-    records = [source[i] for i in range(len(source))]
-  except Exception as e:
-    raise DatasetError(f"{uri!r}: cannot read split {split!r} from data dir "
-                       f"{data_root}: {_one_line(e)}") from e
-  if not records:
-    raise DatasetError(f"{uri!r}: split {split!r} is empty")
-  return records
-
-
 def _tfds_image(x, where: str) -> np.ndarray:
   """One record's image as float32 [H, W, 1|3] in [0, 1]."""
   x = np.asarray(x)
@@ -565,7 +535,7 @@ def _read_tfds(rest: str, uri: str, data_root: str | None, seed: int):
   splits = [split] if split else _tfds_splits(builder, uri)
   images, masks, lengths = [], [], []
   for s in splits:
-    records = _tfds_records(tfds, name, s, uri, data_root)
+    records = tfds_records(tfds, name, s, uri, data_root)
     lengths.append(len(records))
     for i, r in enumerate(records):
       where = f"{uri!r} split {s!r} example {i}"
@@ -576,4 +546,4 @@ def _read_tfds(rest: str, uri: str, data_root: str | None, seed: int):
   ds = SegDataset(np.stack(images), np.stack([_resize_mask(m, hw) for m in masks]), uri)
   if len(lengths) == 3:
     return ds, _consecutive_parts(lengths)
-  return ds, _seeded_parts(len(ds.images), _TFDS_FRACTIONS, seed)
+  return ds, seeded_parts(len(ds.images), _TFDS_FRACTIONS, seed)
