@@ -250,12 +250,53 @@ def format_table(name, names, sqdist, weights) -> str:
   return "\n".join(lines)
 
 
+def _report(args, task, targets, **fields) -> dict:
+  """The report of a run (printed with ``--json``, written as ``report.json``): its
+  settings, the mode's ``fields``, the targets and, with ``--eval``, their metrics."""
+  report = {
+      "library": str(Path(args.library).absolute()),
+      "strategy": args.strategy, "k": args.k, "lam1": args.lam1,
+      "lam2": args.lam2 if args.lam2 is not None or args.lam2_rel is not None else 10.0,
+      "lam2_rel": args.lam2_rel, "exclude": args.exclude, **fields,
+      "base_model": args.base_model, "written_by": WRITTEN_BY,
+      "task": None if task is None else task.name, "split": args.split if args.data else None,
+      "targets": targets, "timings_s": {},
+  }
+  if args.eval:
+    report["metrics"] = {t["target"]: t["metrics"] for t in targets}
+  return report
+
+
+def _write_report(args, clock, report, write_outputs) -> None:
+  """With ``--out`` (process 0 only): ``write_outputs()``, timed, then ``report.json``
+  rewritten atomically with the final timings; the timings go into ``report`` either way."""
+  from rpe_jax.parallel import distributed
+  write = args.out and distributed.is_primary()
+  if write:
+    with clock("write"):
+      write_outputs()
+  report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
+  if write:
+    outputs.atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
+
+
+def _predict_options(args) -> dict:
+  """The tasks' prediction and scoring options (each task reads its own)."""
+  return {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+          "bertscore_model": args.bertscore_model}
+
+
+def _print_metrics(metrics) -> None:
+  if metrics:
+    print("| metric | value |\n|---|---|")
+    for name, value in metrics.items():
+      print(f"| {name} | {value:.4f} |")
+
+
 def _run_per_sample(args, library, task, tm, datasets, encoder, clock, mesh) -> int:
   """``--per-sample``: one weight vector per input (``pipeline.predict_per_sample``)."""
-  from rpe_jax.parallel import distributed
   from solvers import sparse_simplex
-  options = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-             "bertscore_model": args.bertscore_model}
+  options = _predict_options(args)
   targets, predictions, mixtures = [], [], []
   for uri, ds in zip(args.data, datasets):
     result, metrics = pipeline.predict_per_sample(
@@ -270,22 +311,10 @@ def _run_per_sample(args, library, task, tm, datasets, encoder, clock, mesh) -> 
         "metrics": metrics})
     predictions.append(result.predictions)
     mixtures.append((result.union, result.mixture))
-  report = {"library": str(Path(args.library).absolute()), "strategy": args.strategy,
-            "k": args.k, "lam1": args.lam1,
-            "lam2": args.lam2 if args.lam2 is not None or args.lam2_rel is not None else 10.0,
-            "lam2_rel": args.lam2_rel, "exclude": args.exclude, "per_sample": True,
-            "base_model": args.base_model, "written_by": WRITTEN_BY, "task": task.name,
-            "split": args.split, "targets": targets, "timings_s": {}}
-  if args.eval:
-    report["metrics"] = {t["target"]: t["metrics"] for t in targets}
-  write = args.out and distributed.is_primary()
-  if write:
-    with clock("write"):
-      _write_outputs(args, Path(args.out), [], [], tm.model, report,
-                     predicted=(task, predictions, datasets, mixtures))
-  report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
-  if write:
-    outputs.atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
+  report = _report(args, task, targets, per_sample=True)
+  _write_report(args, clock, report, lambda: _write_outputs(
+      args, Path(args.out), [], [], tm.model, report,
+      predicted=(task, predictions, datasets, mixtures)))
   if args.json:
     print(json.dumps(report, indent=2))
   else:
@@ -302,10 +331,7 @@ def _run_per_sample(args, library, task, tm, datasets, encoder, clock, mesh) -> 
       print("| adapter | inputs |\n|---|---|")
       for name, count in ps["inputs_per_adapter"].items():
         print(f"| {name} | {count} |")
-      if t.get("metrics"):
-        print("| metric | value |\n|---|---|")
-        for name, value in t["metrics"].items():
-          print(f"| {name} | {value:.4f} |")
+      _print_metrics(t.get("metrics"))
       print()
     if args.out:
       print(f"wrote {args.out}")
@@ -393,8 +419,7 @@ def run(args) -> int:
     })
   predicted, metrics = None, [None] * len(targets)
   if args.predict or args.eval:
-    options = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-               "bertscore_model": args.bertscore_model}
+    options = _predict_options(args)
     predictions, metrics = pipeline.predict_targets(task, tm, datasets, composed,
                                                     evaluate=args.eval, progress=not args.json,
                                                     clock=clock, mesh=mesh, **options)
@@ -413,26 +438,9 @@ def run(args) -> int:
           "weights": np.asarray(path.weights[b]).tolist(),
           "error": np.asarray(path.error[b]).tolist(), "l1": np.asarray(path.l1[b]).tolist(),
           "status": [sparse_simplex.status_name(int(s)) for s in np.asarray(path.status[b])]}
-  report = {
-      "library": str(Path(args.library).absolute()),
-      "strategy": args.strategy, "k": args.k, "lam1": args.lam1,
-      "lam2": args.lam2 if args.lam2 is not None or args.lam2_rel is not None else 10.0,
-      "lam2_rel": args.lam2_rel,
-      "exclude": args.exclude, "rank": args.rank, "energy": args.energy,
-      "base_model": args.base_model, "written_by": WRITTEN_BY,
-      "task": None if task is None else task.name, "split": args.split if args.data else None,
-      "targets": targets, "timings_s": {},
-  }
-  if args.eval:
-    report["metrics"] = {t["target"]: t["metrics"] for t in targets}
-  write = args.out and distributed.is_primary()
-  if write:
-    with clock("write"):
-      _write_outputs(args, Path(args.out), target_names, composed, model, report, path,
-                     predicted)
-  report["timings_s"] = {k: round(v, 4) for k, v in clock.seconds.items()}
-  if write:   # rewrite with the final timings, atomically
-    outputs.atomic_write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
+  report = _report(args, task, targets, rank=args.rank, energy=args.energy)
+  _write_report(args, clock, report, lambda: _write_outputs(
+      args, Path(args.out), target_names, composed, model, report, path, predicted))
   if args.json:
     print(json.dumps(report, indent=2))
   else:
@@ -440,10 +448,7 @@ def run(args) -> int:
       print(format_table(t["target"], t["retrieved"], t["sqdist"], t["weights"]))
       print(f"reconstruction error {t['reconstruction_error']:.4g}, solver "
             f"{t['solver_status']}")
-      if t.get("metrics"):
-        print("| metric | value |\n|---|---|")
-        for name, value in t["metrics"].items():
-          print(f"| {name} | {value:.4f} |")
+      _print_metrics(t.get("metrics"))
       print()
     if args.out:
       print(f"wrote {args.out}")

@@ -57,16 +57,22 @@ def check_same_structure(adapters: Sequence) -> dict[str, tuple[int, int]]:
   return sigs[0]
 
 
+def floating_finite(weights, what: str = "weights") -> jax.Array:
+  """``weights`` as a floating array (float32 unless already floating), finite when concrete
+  (traced weights are not checked); ``ValueError`` naming ``what`` otherwise."""
+  if not jnp.issubdtype(weights.dtype, jnp.floating):
+    weights = weights.astype(jnp.float32)
+  if not isinstance(weights, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(weights))):
+    raise ValueError(f"{what} must be finite, got {np.asarray(weights)}")
+  return weights
+
+
 def check_weights(weights, k: int) -> jax.Array:
   weights = jnp.asarray(weights)
   if weights.shape != (k,):
     raise ValueError(f"weights must have shape ({k},) for {k} adapters, "
                      f"got {tuple(weights.shape)}")
-  if not jnp.issubdtype(weights.dtype, jnp.floating):
-    weights = weights.astype(jnp.float32)
-  if not isinstance(weights, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(weights))):
-    raise ValueError(f"weights must be finite, got {np.asarray(weights)}")
-  return weights
+  return floating_finite(weights)
 
 
 def combine(adapters: Sequence, weights, *, rank: int | None = None,

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from models.lora import adapted_layers, concat, is_lora, to_flat
-from rpe_jax.compose import _copy, _targets, check_same_structure
+from rpe_jax.compose import _copy, _targets, check_same_structure, floating_finite
 
 
 def mixture_weights(names_per_input: Sequence[Sequence[Hashable]],
@@ -77,11 +77,7 @@ def check_mixture_weights(weights, n: int) -> jax.Array:
   if weights.ndim != 2 or weights.shape[1] != n or weights.shape[0] < 1:
     raise ValueError(f"with_mixture: weights must have shape [B, {n}] (one row per input, "
                      f"one column per adapter), got {tuple(weights.shape)}")
-  if not jnp.issubdtype(weights.dtype, jnp.floating):
-    weights = weights.astype(jnp.float32)
-  if not isinstance(weights, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(weights))):
-    raise ValueError(f"with_mixture: weights must be finite, got {np.asarray(weights)}")
-  return weights
+  return floating_finite(weights, "with_mixture: weights")
 
 
 def expand(weights: jax.Array, ranks: Sequence[int]) -> jax.Array:
@@ -131,8 +127,9 @@ def set_mixture_weights(mixed: nnx.Module, adapters: Sequence, weights) -> nnx.M
   the dataset's union) this is the per-batch step; building the mixture concatenates
   every layer's n factors again (tens of eager ops per layer), a swap is one gate per
   layer (ViT-S, 32 rank-8 adapters on query and value, 2 CPU cores: ~110 ms to build,
-  ~25 ms to swap, nnx.split included; benchmarks/per_sample_speed.py). adapters: the union, in the order ``mixed`` was built with (only their ranks
-  are read: each gated layer must carry rank Σ r_i over exactly the adapters' paths).
+  ~25 ms to swap, nnx.split included; benchmarks/per_sample_speed.py).
+  adapters: the union, in the order ``mixed`` was built with (only their ranks are read:
+  each gated layer must carry rank Σ r_i over exactly the adapters' paths).
   weights: [B, n], any B (the batch size may change). Returns a new model sharing every
   array with ``mixed``; ``mixed`` is not modified.
   """
