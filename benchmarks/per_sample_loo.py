@@ -71,14 +71,15 @@ def _scores(task, tm, lib, target, held, k, options) -> dict[str, tuple[float, f
   """{row: (dataset-level score, per-sample score)} on one target."""
   from rpe_jax import pipeline
   z = task.prototype(tm, target).z[None]
+  features = task.features(tm, target)   # every input's own prototype, once per target
   out = {}
   for row, strategy, lam2, lam2_rel in ROWS:
     kw = dict(k=k, strategy=strategy, lam2=lam2, lam2_rel=lam2_rel, exclude=[held])
     _, _, composed, _ = pipeline.compose_targets(lib, z, **kw)
     _, dataset_level = pipeline.predict_targets(task, tm, [target], composed, evaluate=True,
                                                 **options)
-    _, per_sample = pipeline.predict_per_sample(lib, task, tm, target, evaluate=True, **kw,
-                                                **options)
+    _, per_sample = pipeline.predict_per_sample(lib, task, tm, target, evaluate=True,
+                                                features=features, **kw, **options)
     out[row] = (dataset_level[0][task.metric], per_sample[task.metric])
   return out
 

@@ -129,7 +129,7 @@ def run(args) -> dict:
   lib_key = options_key({"base": base_key, "members": members, **options._asdict()})
   lib = build_library(task, tm, members, options,
                       args.out / "loo_cache" / f"report-library-{lib_key}",
-                      base_model=f"loo-llama-{base_key}", seed=args.seed)
+                      base_model=f"loo-llama-{base_key}")
   t_lib = time.perf_counter()
   predict_options = {"max_new_tokens": args.max_new_tokens}
   if args.bertscore_model:

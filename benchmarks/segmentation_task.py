@@ -188,7 +188,7 @@ def run_one(args, suffix: str = "") -> tuple:
   lib_key = options_key({"base": base_key, "members": members, **options._asdict()})
   lib = build_library(task, tm, members, options,
                       args.out / "loo_cache" / f"segmentation-library-{lib_key}",
-                      base_model=f"loo-sam-{base_key}", seed=args.seed)
+                      base_model=f"loo-sam-{base_key}")
   t_lib = time.perf_counter()
   controls = None if args.no_controls else {
       "k": args.control_k, "draws": args.random_draws, "arrow_forward": arrow_forward(args.prompt),

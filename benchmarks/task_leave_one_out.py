@@ -56,7 +56,7 @@ def cached(folder: Path, build) -> Path:
 
 
 def build_library(task, tm, members: dict[str, str], options, folder: Path, *,
-                  base_model: str, seed: int):
+                  base_model: str):
   """The library of ``members`` (name → dataset URI) under ``tm``'s frozen base, built once
   in ``folder`` and opened read-only: per member, ``task.train``'s adapter, the prototype of
   the train split it was trained on, and metadata (task, data URI, training summary)."""
@@ -67,7 +67,7 @@ def build_library(task, tm, members: dict[str, str], options, folder: Path, *,
     lib = Library.create(tmp)
     for name, uri in members.items():
       trained = task.train(tm, uri, options)
-      proto = task.prototype(tm, task.load(uri, "train", seed=seed))
+      proto = task.prototype(tm, trained.train_data)
       lib.add(name, trained.adapter, proto.z, base_model=base_model,
               encoder=f"{base_model}/{task.pooling}", n_samples=proto.n,
               pooling=task.pooling,

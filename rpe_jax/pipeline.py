@@ -250,7 +250,8 @@ def _mixture_stats(union, mixture, batch: int) -> dict:
 def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, lam2=None,
                        lam2_rel=None, encoder=None, exclude=(), base_model=None,
                        pooling=None, evaluate=False, progress=False, clock=None,
-                       mesh=None, **options) -> tuple[PerSampleResult, dict | None]:
+                       mesh=None, features=None,
+                       **options) -> tuple[PerSampleResult, dict | None]:
   """Per-sample composition: every input of ``ds`` gets its own weights, and the batch
   runs them all in one forward pass.
 
@@ -265,6 +266,9 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
      ``mesh`` each batch runs data-parallel over ``data`` and tensor-parallel over
      ``model`` (``on_mesh``).
 
+  ``features``: the inputs' features [N, d] when already computed (``task.features``), so
+  that several strategies on one target share the one pass of the base model.
+
   Returns (PerSampleResult, metrics or None).
   """
   import jax
@@ -272,7 +276,8 @@ def predict_per_sample(library, task, task_model, ds, *, k, strategy, lam1=1.0, 
   from rpe_jax.compose.mixture import mixture_weights, set_mixture_weights, with_mixture
   clock = clock or Clock()
   with clock("features"):
-    z = task.features(task_model, ds, pooling=pooling, progress=progress)
+    z = (task.features(task_model, ds, pooling=pooling, progress=progress)
+         if features is None else np.asarray(features, np.float32))
   with clock("retrieve"):
     exclude = _one_base_model(library, None, encoder, base_model, exclude)
     found = library.query(z, k, encoder=encoder, exclude=exclude)

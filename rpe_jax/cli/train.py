@@ -117,8 +117,7 @@ def _add_to_library(args, task, tm, trained) -> dict:
     raise ValueError("--add: this adapter needs the fresh classification head it was "
                      "trained with, which a library cannot compose; train on a dataset with "
                      "the model's own labels")
-  train = task.load(args.data, "train", data_root=args.data_root, seed=args.seed)
-  proto = task.prototype(tm, train, progress=not args.json)
+  proto = task.prototype(tm, trained.train_data, progress=not args.json)
   base = args.base_model or args.model
   encoder = args.encoder or f"{base}/{task.pooling}"
   lib = Library.open(args.add) if Path(args.add, "catalog.sqlite").exists() \

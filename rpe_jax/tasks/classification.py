@@ -357,7 +357,7 @@ class ClassificationTask(Task):
         "metric": self.metric, "initial_val": result.initial_val_accuracy,
         "val": result.best_val_accuracy, "test": test,
         "best_epoch": result.best_epoch, "head_trained": result.head is not None,
-        "n_train": len(splits.train), "history": result.history})
+        "n_train": len(splits.train), "history": result.history}, splits.train)
 
   def predict(self, tm, ds, *, progress=False, **options) -> np.ndarray:
     return predict_labels(tm.model, ds, normalization=tm.normalization, progress=progress,

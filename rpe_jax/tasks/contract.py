@@ -89,6 +89,7 @@ class Trained(NamedTuple):
                             # "val", the returned adapter's (classification: the best
                             # epoch's; segmentation and report: after the last step);
                             # "test"; epochs, steps ...
+  train_data: Any = None    # the train split it was trained on (its prototype's data)
 
 
 class Task(abc.ABC):

@@ -558,7 +558,8 @@ class ReportTask(Task):
         "metric": self.metric, "initial_val": before, "val": val(result.model),
         "test": self.score(self.predict(TaskModel(result.model, codec=codec), splits.test),
                            splits.test)["rouge_l"],
-        "steps": steps, "n_train": len(reports), "final_loss": float(result.losses[-1])})
+        "steps": steps, "n_train": len(reports), "final_loss": float(result.losses[-1])},
+        splits.train)
 
   def predict(self, tm, ds, *, progress=False, max_new_tokens=32, **options) -> list[str]:
     return generate_impressions(tm.model, self._codec(tm), list(ds.findings),

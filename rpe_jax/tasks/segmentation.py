@@ -352,7 +352,7 @@ class SegmentationTask(Task):
         "val": evaluate_dice(result.model, splits.val, prompt=options.prompt),
         "test": evaluate_dice(result.model, splits.test, prompt=options.prompt),
         "steps": config.steps, "n_train": n, "prompt": options.prompt,
-        "final_loss": float(result.losses[-1])})
+        "final_loss": float(result.losses[-1])}, splits.train)
 
   def predict(self, tm, ds, *, progress=False, prompt="box", **options) -> np.ndarray:
     return predict(tm.model, ds, prompt=prompt, progress=progress, mesh=tm.mesh)
