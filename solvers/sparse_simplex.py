@@ -74,7 +74,7 @@ import numpy as np
 from jax import lax
 
 from solvers import prox
-from solvers.active_set import kkt_factor, kkt_solve_linear, mv as _mv, polish as _polish
+from solvers.active_set import kkt_factor, kkt_solve_linear, mv as _mv, pivot as _pivot, polish as _polish
 
 CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
 STATUS_NAMES = ("converged", "max_iter", "nonfinite")
@@ -89,6 +89,8 @@ _POLISH_START = 1e-3  # first polish once every live member's relative gap is be
 # d=768, "subspace" in benchmarks/solver_speed.py) every 10 iterations cost 2.6 ms/problem,
 # every 50 1.06, every 100 0.53, every 200 0.68 (the member's own FISTA then finishes).
 _POLISH_EVERY = 100
+_POLISH_FIRST = 10
+_PIVOT_ROUNDS = 16
 _GRAM_BYTES = 2 << 20  # vectors per chunk when forming Gram matrices (cache-sized)
 _SOLVE_BYTES = 2 << 20  # Gram matrices per chunk while iterating (cache-sized)
 
@@ -264,7 +266,14 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
     return F, gap, res0, conv | flat | bad, progress
 
   def polish(st):
-    wp, ok, full = _polish(G, c, lam, st.w, simplex)
+    wb, opt = _pivot(G, c, lam, st.w, simplex, _PIVOT_ROUNDS)
+
+    def rest(_):
+      wp, ok, full = _polish(G, c, lam, st.w, simplex)
+      sel = lambda a, b: jnp.where(opt.reshape(opt.shape + (1,) * (a.ndim - 1)), a, b)
+      return sel(wb, wp), ok | opt, full | opt
+
+    wp, ok, full = lax.cond(jnp.all(opt | st.polished), lambda _: (wb, opt, opt), rest, None)
     Gwp = _mv(G, wp)
     Fp, gapp, res0p, convp, _ = measures(wp, Gwp)
     ok &= ~st.polished & (Fp <= st.F + 4 * eps * jnp.abs(st.F)) & ((gapp <= st.gap) | lam0 | ~full)
@@ -297,7 +306,7 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
                 keep(res0, st.res0), st.done | (live & conv), st.iters + live, st.thr, st.polished)
     if not cfg.polish:
       return st
-    ready = jnp.all(st.done | (progress <= st.thr)) | (st.it % _POLISH_EVERY == 0)
+    ready = jnp.all(st.done | (progress <= st.thr)) | (st.it % _POLISH_EVERY == 0) | (st.it == _POLISH_FIRST)
     return lax.cond(ready & ~jnp.all(st.done), polish, lambda x: x, st)
 
   w0 = jnp.full((B, k), 1 / k, dt)
