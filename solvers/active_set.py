@@ -1,6 +1,7 @@
-"""The face KKT system of the sparse affine / simplex weight problem, and the primal
-active-set method built on it (the polish of ``solvers.sparse_simplex``, whose module
-docstring gives the problem and the notation: centred Gram form G̃, c, support S, signs σ).
+"""The face KKT system of the sparse affine / simplex weight problem, and the two
+active-set methods built on it, block principal pivoting (``pivot``) and the primal active
+set (``polish``): the polish of ``solvers.sparse_simplex``, whose module docstring gives the
+problem and the notation (centred Gram form G̃, c, support S, signs σ).
 
 On a face (S, σ) the objective is a quadratic; its minimiser solves
   2(G̃ + ρ11ᵀ)_SS w_S = 2c_S − λσ_S + ν1,  1ᵀw_S = 1
