@@ -104,8 +104,9 @@ _POLISH_START = 1e-3  # first polish once every live member's relative gap is be
 _POLISH_EVERY = 100
 # ...and once at this iteration: block pivoting finishes ill-conditioned members from any
 # early iterate in 4-7 rounds (a round ~ 15 iterations' cost), so waiting buys little; on
-# "subspace" (B=1024, float32) this took the median from 100 iterations to 10 and the time
-# from 0.69-0.73 to 0.30-0.34 ms/problem. Well-conditioned members are done before it.
+# "subspace" (benchmarks/solver_speed.py, B=1000, k=64, d=768, float32) this took the median
+# from 100 iterations to 10 and the time from 3.5-3.7x the Gram floor to 1.8-2.0x (noisy
+# 2-core machine). Well-conditioned members ("indep", "offset") are done before it.
 _POLISH_FIRST = 10
 _PIVOT_ROUNDS = 16  # then the primal active set takes over (see module docstring)
 _GRAM_BYTES = 2 << 20  # vectors per chunk when forming Gram matrices (cache-sized)
