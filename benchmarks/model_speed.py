@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/model_speed.py --model vit --batch 8 --reps 5
     .venv/bin/python benchmarks/model_speed.py --model sam --batch 1 --reps 3   # SAM ViT-B, 1024²
     .venv/bin/python benchmarks/model_speed.py --model llama --batch 8         # decode + train
+    .venv/bin/python benchmarks/model_speed.py --model gemm --batch 8 --reps 20  # matmuls alone
 
 Both sides get the same weights (the torch model is saved with ``save_pretrained`` and
 loaded with ``models.hf.load``) and the same adapter (a PEFT LoRA with random non-zero
@@ -346,7 +347,35 @@ def llama_cases(args) -> list:
   return rows
 
 
-MODELS = {"vit": vit_cases, "sam": sam_cases, "llama": llama_cases}
+def gemm_cases(args) -> list[Row]:
+  """The floor under every row above: the float32 matmuls of a ViT-B/16 layer at
+  ``--batch`` images (197 tokens each) — q/k/v/o, fc1, fc2 and the backward's transposed
+  products — as one jitted ``x @ w`` against ``torch.matmul`` on the same arrays, paired."""
+  import torch
+  torch.set_num_threads(args.threads)
+  m = args.batch * 197
+  rows = []
+  for name, k, n, transposed in (("q/k/v/o: [m,768]@[768,768]", 768, 768, False),
+                                 ("fc1: [m,768]@[768,3072]", 768, 3072, False),
+                                 ("fc2: [m,3072]@[3072,768]", 3072, 768, False),
+                                 ("fc1 backward dx: [m,3072]@[768,3072]^T", 3072, 768, True)):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    mm = jax.jit((lambda x, y: x @ y.T) if transposed else (lambda x, y: x @ y))
+    t_ours, t_torch, ratio, out, ref = paired_times(
+        lambda: _ready(mm(ja, jb)), lambda: (ta @ tb.T) if transposed else (ta @ tb),
+        args.reps, args.warmup)
+    diff = float(np.abs(np.asarray(out) - ref.numpy()).max())
+    rows.append(Row(f"{name}, m={m}", t_ours, t_torch, ratio, args.batch, diff))
+    print(f"  {name}: ours {t_ours * 1e3:.2f} ms, torch {t_torch * 1e3:.2f} ms "
+          f"({2 * m * k * n / t_ours / 1e9:.0f} vs {2 * m * k * n / t_torch / 1e9:.0f} GFLOP/s)",
+          flush=True)
+  return rows
+
+
+MODELS = {"vit": vit_cases, "sam": sam_cases, "llama": llama_cases, "gemm": gemm_cases}
 
 
 # --- Report ---------------------------------------------------------------------------------
