@@ -3,13 +3,19 @@
     .venv/bin/python benchmarks/model_speed.py                 # ViT-B/16, batch 32
     .venv/bin/python benchmarks/model_speed.py --quick         # batch 4, fewer repeats
     .venv/bin/python benchmarks/model_speed.py --model vit --batch 8 --reps 5
+    .venv/bin/python benchmarks/model_speed.py --model sam --batch 1 --reps 3   # SAM ViT-B, 1024²
+    .venv/bin/python benchmarks/model_speed.py --model llama --batch 8         # decode + train
+    .venv/bin/python benchmarks/model_speed.py --model gemm --batch 8 --reps 20  # matmuls alone
 
 Both sides get the same weights (the torch model is saved with ``save_pretrained`` and
 loaded with ``models.hf.load``) and the same adapter (a PEFT LoRA with random non-zero
 lora_B, read with ``rpe_jax.library.peft_io.read_peft``), so the table also reports the largest
 output difference. Cases: no adapter, the adapter unmerged (x W + (x a) b), the adapter
 merged into the kernels; then one LoRA train step (AdamW, adapter only trainable) on both
-sides. The two sides are timed alternately, ``--reps`` pairs after ``--warmup`` pairs, and
+sides: ours is one step of the product's training core (``rpe_jax.training.fit``), theirs
+the PEFT model's ``backward`` + ``clip_grad_norm_`` + ``torch.optim.AdamW`` (``train_row``).
+SAM: forward and train step with a LoRA on the image encoder's ``qkv``; Llama: the decode
+cases of benchmarks/llama_speed.py and a train step with a LoRA on q and v. The two sides are timed alternately, ``--reps`` pairs after ``--warmup`` pairs, and
 the ratio is the median of the per-pair ratios, so both see the same machine load (ours:
 compiled and ``block_until_ready``; torch: ``no_grad``/eval, ``torch.set_num_threads``).
 
@@ -20,6 +26,7 @@ Writes benchmarks/results/model_speed_<model>.json and .png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -74,17 +81,94 @@ def _ready(tree):
   return jax.block_until_ready(tree)
 
 
+# --- the LoRA train step, shared by every model -------------------------------------------
+#
+# Ours is one step of the product's training core: ``rpe_jax.training.fit`` for one epoch of
+# one step (its per-call set-up included: the copy of the trainable leaves, the optimiser
+# init, the loss read back), the LoRA leaves trainable, AdamW with global-norm clipping at
+# 1, the frozen weights an argument of the compiled step. Theirs: the PEFT model in train
+# mode, ``zero_grad`` → forward → loss → ``backward`` → ``clip_grad_norm_(1)`` → AdamW.
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy:
+  """Mean cross-entropy of a classifier's logits (a hashable ``fit`` loss)."""
+
+  def __call__(self, model, batch):
+    import optax
+    logits = model(batch["pixels"]).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean(), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenLoss:
+  """Mean next-token cross-entropy of a causal LM on ``batch["ids"]``."""
+
+  def __call__(self, model, batch):
+    import optax
+    ids = batch["ids"]
+    logits = model(ids).logits[:, :-1]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean(), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskBCE:
+  """Mean binary cross-entropy of SAM's single-mask logits against ``batch["masks"]``."""
+
+  def __call__(self, model, batch):
+    import optax
+    logits = model(batch["pixels"], boxes=batch["boxes"], multimask_output=False).pred_masks
+    return optax.sigmoid_binary_cross_entropy(logits[:, 0, 0], batch["masks"]).mean(), {}
+
+
+def train_row(case: str, ours, loss_fn, batch: dict, theirs, torch_loss: Callable, args) -> Row:
+  """Time one LoRA train step on both sides (paired), and undo torch's updates after."""
+  import torch
+
+  from models.lora import LoRAParam
+  from rpe_jax.training import OptimConfig, fit
+
+  config = OptimConfig(lr=1e-4, weight_decay=1e-4, clip_norm=1.0, schedule="cosine")
+
+  def ours_train():
+    result = fit(ours, LoRAParam, loss_fn, lambda epoch: [batch], epochs=1, steps_per_epoch=1,
+                 config=config)
+    return result.losses
+
+  trainable = [p for p in theirs.parameters() if p.requires_grad]
+  snapshot = {n: t.detach().clone() for n, t in theirs.named_parameters() if t.requires_grad}
+  was_training = theirs.training
+  theirs.train()
+  torch_opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
+
+  def torch_train():
+    torch_opt.zero_grad(set_to_none=True)
+    loss = torch_loss(theirs)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    torch_opt.step()
+    return loss
+
+  t_ours, t_torch, ratio, _, _ = paired_times(ours_train, torch_train, args.reps, args.warmup)
+  theirs.train(was_training)
+  with torch.no_grad():  # undo torch's training steps (fit trained a copy of ours)
+    for n, t in theirs.named_parameters():
+      if n in snapshot:
+        t.copy_(snapshot[n])
+  print(f"  {case}: ours {t_ours * 1e3:.1f} ms, torch {t_torch * 1e3:.1f} ms", flush=True)
+  return Row(case, t_ours, t_torch, ratio, len(next(iter(batch.values()))), None)
+
+
 # --- ViT ------------------------------------------------------------------------------------
 
 def vit_cases(args) -> list[Row]:
-  import optax
   import peft
   import torch
   import transformers
   from flax import nnx
 
   from models import hf
-  from models.lora import LoRAParam, adapted_layers, to_flat
+  from models.lora import adapted_layers, to_flat
   from rpe_jax.library.peft_io import read_peft
 
   torch.set_num_threads(args.threads)
@@ -142,45 +226,10 @@ def vit_cases(args) -> list[Row]:
               torch_forward(theirs))
 
   # Train step: the adapter only, AdamW, cross-entropy on the logits.
-  graphdef, lora_state, rest = nnx.split(ours, LoRAParam, ...)
-  opt = optax.adamw(1e-4)
-  opt_state = opt.init(lora_state)
-
-  @jax.jit   # the frozen weights are an argument, not closed-over constants
-  def step(lora_state, opt_state, rest, px, labels):
-    def loss_fn(ls):
-      logits = nnx.merge(graphdef, ls, rest)(px).logits
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(lora_state)
-    updates, opt_state = opt.update(grads, opt_state, lora_state)
-    return optax.apply_updates(lora_state, updates), opt_state, loss
-
-  train_state = [lora_state, opt_state]
-
-  def ours_train():
-    train_state[0], train_state[1], loss = step(train_state[0], train_state[1], rest, x, y)
-    return _ready(loss)
-
-  snapshot = {n: t.detach().clone() for n, t in theirs.named_parameters() if t.requires_grad}
-  theirs.train()
-  torch_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
-
-  def torch_train():
-    torch_opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(theirs(x_t).logits, y_t)
-    loss.backward()
-    torch_opt.step()
-    return loss
-
-  t_ours, t_torch, ratio, _, _ = paired_times(ours_train, torch_train, args.reps, args.warmup)
-  rows.append(Row(f"train step, LoRA r={args.rank} (q,v)", t_ours, t_torch, ratio, args.batch,
-                  None))
-  print(f"  train: ours {t_ours * 1e3:.1f} ms, torch {t_torch * 1e3:.1f} ms", flush=True)
-  theirs.eval()
-  with torch.no_grad():  # undo torch's training steps (ours trained a copy of the state)
-    for n, t in theirs.named_parameters():
-      if n in snapshot:
-        t.copy_(snapshot[n])
+  rows.append(train_row(f"train step, LoRA r={args.rank} (q,v)", ours, CrossEntropy(),
+                        {"pixels": x, "labels": y}, theirs,
+                        lambda m: torch.nn.functional.cross_entropy(m(x_t).logits, y_t),
+                        args))
 
   # Merged: fold the adapter into the kernels on both sides.
   for path in adapter:
@@ -190,14 +239,143 @@ def vit_cases(args) -> list[Row]:
   return rows
 
 
-def llama_cases(args) -> list[Row]:
-  """Decode speed of the Llama port against HF generate (benchmarks/llama_speed.py)."""
+def _peft_pair(theirs, targets, rank):
+  """(ours with the adapter set, theirs as a PeftModel): the same random non-zero LoRA
+  (PEFT-made, lora_B redrawn) on both sides, read into ours by ``read_peft``."""
+  import peft
+  import torch
+
+  from models import hf
+  from models.lora import adapted_layers, to_flat
+  from rpe_jax.library.peft_io import read_peft
+  with tempfile.TemporaryDirectory() as tmp:
+    theirs.save_pretrained(f"{tmp}/base")
+    ours = hf.load(f"{tmp}/base")
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=rank, lora_alpha=rank,
+                                                         target_modules=list(targets)))
+    with torch.no_grad():
+      for name, p in theirs.named_parameters():
+        if "lora_B" in name:
+          p.copy_(0.02 * torch.randn_like(p))
+    theirs.save_pretrained(f"{tmp}/adapter")
+    adapter = to_flat(read_peft(f"{tmp}/adapter", ours))
+  layers = adapted_layers(ours)
+  for path, leaf in adapter.items():
+    layers[path].set_adapter(leaf)
+  return ours, theirs
+
+
+def sam_cases(args) -> list[Row]:
+  """SAM (HF ``SamConfig()``: ViT-B image encoder at 1024², ``--tiny``: a 64² toy) with one
+  box per image: forward without and with a LoRA on every encoder ``qkv``, and the train
+  step of that LoRA on the BCE of the single-mask logits against a random mask."""
+  import torch
+  import transformers
+
+  from flax import nnx
+
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  if args.tiny:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_sam import tiny_hf_config
+    hf_config = tiny_hf_config()
+  else:
+    hf_config = transformers.SamConfig()
+  ours, theirs = _peft_pair(transformers.SamModel(hf_config).eval(), ["qkv"], args.rank)
+  size = hf_config.vision_config.image_size
+  low_res = 4 * hf_config.prompt_encoder_config.image_embedding_size
+  x_t = torch.randn(args.batch, 3, size, size)
+  boxes_t = torch.tensor([[size / 4, size / 4, 3 * size / 4, 3 * size / 4]]).repeat(
+      args.batch, 1, 1)
+  masks_t = (torch.rand(args.batch, low_res, low_res) > 0.5).float()
+  x = jnp.asarray(x_t.permute(0, 2, 3, 1).numpy())
+  boxes, masks = jnp.asarray(boxes_t.numpy()), jnp.asarray(masks_t.numpy())
+
+  def theirs_masks(model):
+    return model(pixel_values=x_t, input_boxes=boxes_t, multimask_output=False).pred_masks
+
+  graphdef, state = nnx.split(ours)
+  fwd = jax.jit(lambda s: nnx.merge(graphdef, s)(x, boxes=boxes, multimask_output=False)
+                .pred_masks)
+  rows = []
+
+  def forward_row(case, model_torch):
+    def run_torch():
+      with torch.no_grad():
+        return theirs_masks(model_torch)
+    t_ours, t_torch, ratio, out, ref = paired_times(lambda: _ready(fwd(state)), run_torch,
+                                                    args.reps, args.warmup)
+    diff = float(np.abs(np.asarray(out) - ref.numpy()).max())
+    rows.append(Row(case, t_ours, t_torch, ratio, args.batch, diff))
+    print(f"  {case}: ours {t_ours * 1e3:.1f} ms, torch {t_torch * 1e3:.1f} ms", flush=True)
+
+  forward_row(f"forward, unmerged LoRA r={args.rank} (qkv)", theirs)
+  rows.append(train_row(
+      f"train step, LoRA r={args.rank} (qkv)", ours, MaskBCE(),
+      {"pixels": x, "boxes": boxes, "masks": masks}, theirs,
+      lambda m: torch.nn.functional.binary_cross_entropy_with_logits(
+          theirs_masks(m)[:, 0, 0], masks_t), args))
+  return rows
+
+
+def llama_cases(args) -> list:
+  """Decode speed of the Llama port against HF generate (benchmarks/llama_speed.py), then
+  the train step of a LoRA on q and v (next-token loss on ``--batch`` × 128 random tokens),
+  on the same shape (8 layers, hidden 512, vocab 4096; ``--tiny``: 2 layers, hidden 64)."""
+  import torch
+  import transformers
+
   sys.path.insert(0, str(ROOT / "benchmarks"))
-  from llama_speed import llama_cases as cases
-  return cases(args)
+  from llama_speed import hf_config
+  from llama_speed import llama_cases as decode_cases
+  rows = decode_cases(args)
+  torch.manual_seed(0)
+  config = hf_config(args.tiny)
+  ours, theirs = _peft_pair(transformers.LlamaForCausalLM(config).eval(),
+                            ["q_proj", "v_proj"], args.rank)
+  ids_t = torch.randint(3, config.vocab_size, (args.batch, 128))
+
+  def torch_loss(m):
+    logits = m(input_ids=ids_t).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             ids_t[:, 1:].reshape(-1))
+
+  rows.append(train_row(f"train step {args.batch}x128, LoRA r={args.rank} (q,v)", ours,
+                        NextTokenLoss(), {"ids": jnp.asarray(ids_t.numpy())}, theirs,
+                        torch_loss, args))
+  return rows
 
 
-MODELS = {"vit": vit_cases, "llama": llama_cases}
+def gemm_cases(args) -> list[Row]:
+  """The floor under every row above: the float32 matmuls of a ViT-B/16 layer at
+  ``--batch`` images (197 tokens each) — q/k/v/o, fc1, fc2 and the backward's transposed
+  products — as one jitted ``x @ w`` against ``torch.matmul`` on the same arrays, paired."""
+  import torch
+  torch.set_num_threads(args.threads)
+  m = args.batch * 197
+  rows = []
+  for name, k, n, transposed in (("q/k/v/o: [m,768]@[768,768]", 768, 768, False),
+                                 ("fc1: [m,768]@[768,3072]", 768, 3072, False),
+                                 ("fc2: [m,3072]@[3072,768]", 3072, 768, False),
+                                 ("fc1 backward dx: [m,3072]@[768,3072]^T", 3072, 768, True)):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    mm = jax.jit((lambda x, y: x @ y.T) if transposed else (lambda x, y: x @ y))
+    t_ours, t_torch, ratio, out, ref = paired_times(
+        lambda: _ready(mm(ja, jb)), lambda: (ta @ tb.T) if transposed else (ta @ tb),
+        args.reps, args.warmup)
+    diff = float(np.abs(np.asarray(out) - ref.numpy()).max())
+    rows.append(Row(f"{name}, m={m}", t_ours, t_torch, ratio, args.batch, diff))
+    print(f"  {name}: ours {t_ours * 1e3:.2f} ms, torch {t_torch * 1e3:.2f} ms "
+          f"({2 * m * k * n / t_ours / 1e9:.0f} vs {2 * m * k * n / t_torch / 1e9:.0f} GFLOP/s)",
+          flush=True)
+  return rows
+
+
+MODELS = {"vit": vit_cases, "sam": sam_cases, "llama": llama_cases, "gemm": gemm_cases}
 
 
 # --- Report ---------------------------------------------------------------------------------
@@ -262,7 +440,7 @@ def main(argv=None) -> None:
   print(table(rows))
   fwd = [r for r in rows if r.case.startswith("forward")]
   if fwd:
-    print(f"\nours/PyTorch forward time (no adapter, median of paired ratios): "
+    print(f"\nours/PyTorch time, {fwd[0].case} (median of paired ratios): "
           f"{_ratio(fwd[0]):.2f}")
   args.out.mkdir(parents=True, exist_ok=True)
   stem = args.out / f"model_speed_{args.model}"

@@ -4,6 +4,12 @@ against one dataset-level composed adapter and the bare base model, per batch si
     .venv/bin/python benchmarks/per_sample_speed.py                  # ViT-S/16 and the Llama
     .venv/bin/python benchmarks/per_sample_speed.py --model vit-s --batches 64 --ks 16
     .venv/bin/python benchmarks/per_sample_speed.py --quick          # a smoke run, < 2 min
+    .venv/bin/python benchmarks/per_sample_speed.py --model llama --generate 32 --ks 16
+
+``--generate N`` (Llama) times what the report task predicts with — greedy KV-cache
+generation of N new tokens after the prompt — in place of one forward, for the base, the
+fixed and the per-sample paths; the features stay one base forward over the prompt, so
+their share falls as N grows. It writes per_sample_speed_<model>-generate<N>.json / .png.
 
 Setup: a random-init model (``--model``: vit-ti, vit-s, vit-b = ViT-Ti/S/B-16 at 224×224,
 10 classes; llama = 4 layers, hidden 512, 8 heads / 4 KV heads, vocab 4096, sequences of
@@ -158,6 +164,14 @@ def forward(model_split, x):
   return jax.block_until_ready(_forward(*model_split, x))
 
 
+def generate(model_split, x, new_tokens: int):
+  """Greedy KV-cache decoding of ``new_tokens`` tokens (the report task's prediction; the
+  full budget, no EOS), the prompt's prefill included."""
+  from models import llama
+  return jax.block_until_ready(llama.generate(nnx.merge(*model_split), x, new_tokens,
+                                              eos_token_id=()))
+
+
 def features(model_split, x, pooling) -> np.ndarray:
   return np.asarray(_features(*model_split, x, pooling))
 
@@ -285,7 +299,7 @@ def fixed_composed(model, library, adapters, z, k):
 
 
 def measure_cell(bench, model, library, adapters, batch, k, *, repeats, budget, union_mode,
-                 rank) -> dict:
+                 rank, run=forward) -> dict:
   """Every path on one batch: a warm-up round (compiles), then interleaved rounds —
   ``repeats`` of them, or fewer (at least 3) once ``budget`` seconds are spent; medians."""
   x = bench.inputs(batch, batch)
@@ -298,8 +312,8 @@ def measure_cell(bench, model, library, adapters, batch, k, *, repeats, budget, 
   rounds, start = 0, None
   while rounds < repeats and not (rounds >= 3 and time.perf_counter() - start > budget):
     timer.recording = start is not None
-    timer("base", forward, base, x)
-    timer("fixed", forward, fixed, x)
+    timer("base", run, base, x)
+    timer("fixed", run, fixed, x)
     z = timer("features", features, base, x, bench.pooling)
     found = timer("retrieval", _query, library, z, k)
     timer("search", _search, library, z, k)
@@ -308,7 +322,7 @@ def measure_cell(bench, model, library, adapters, batch, k, *, repeats, budget, 
                                       union_mode)
     mixed = built if mixed is None else mixed
     mixed_split = timer("gate_swap", _gate_swap, mixed, adapters, found, w, union_mode)
-    timer("forward", forward, mixed_split, x)
+    timer("forward", run, mixed_split, x)
     if start is None:
       start = time.perf_counter()
     else:
@@ -397,6 +411,11 @@ def plot(rows, path: Path, title: str, unit: str) -> None:
 
 def run_model(key: str, args) -> list[dict]:
   bench = benches(args.seq_len)[key]
+  run = forward
+  if args.generate and bench.unit == "sequences":
+    run = functools.partial(generate, new_tokens=args.generate)
+    bench = dataclasses.replace(bench, name=f"{bench.name}, generating {args.generate} tokens")
+    key = f"{key}-generate{args.generate}"
   print(f"\n## {bench.name}: library of {args.library_size} rank-{args.rank} LoRA adapters "
         f"on {', '.join(bench.targets)}, union = {args.union}", flush=True)
   model = bench.build()
@@ -409,7 +428,7 @@ def run_model(key: str, args) -> list[dict]:
       for k in args.ks:
         start = time.perf_counter()
         row = measure_cell(bench, model, library, adapters, batch, k, repeats=args.repeats,
-                           budget=args.budget, union_mode=args.union, rank=args.rank)
+                           budget=args.budget, union_mode=args.union, rank=args.rank, run=run)
         rows.append(row)
         print(f"   batch {batch:4d} k {k:2d}: {row['rate_per_sample']:.1f} {bench.unit}/s "
               f"per-sample, {row['rate_fixed']:.1f} fixed; {row['repeats']} repeats, "
@@ -452,6 +471,9 @@ def main(argv=None) -> int:
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=64, help="Llama tokens per sequence")
   p.add_argument("--union", choices=("batch", "library"), default="batch")
+  p.add_argument("--generate", type=int, default=0, metavar="N",
+                 help="Llama: time greedy generation of N new tokens (the report task's "
+                      "prediction) instead of one forward, for base, fixed and per-sample")
   p.add_argument("--repeats", type=int, default=7, help="timed rounds per cell, at most")
   p.add_argument("--budget", type=float, default=60.0,
                  help="seconds of timed rounds per cell after which no new round starts "

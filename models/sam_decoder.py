@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import fused_attention, resolve_attention_impl
+from models.layers import fused_attention, gelu_exact, resolve_attention_impl
 from models.lora import Linear
 from models.sam_encoder import MLP, layer_norm
 
@@ -126,8 +126,8 @@ class MaskEmbedding(nnx.Module):
     self.conv3 = nnx.Conv(c, config.hidden_size, (1, 1), padding="VALID", rngs=rngs)
 
   def __call__(self, masks: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.layer_norm1(self.conv1(masks[..., None])), approximate=False)
-    h = jax.nn.gelu(self.layer_norm2(self.conv2(h)), approximate=False)
+    h = gelu_exact(self.layer_norm1(self.conv1(masks[..., None])))
+    h = gelu_exact(self.layer_norm2(self.conv2(h)))
     return self.conv3(h)
 
 
@@ -314,8 +314,8 @@ class MaskDecoder(nnx.Module):
     iou_token_out = queries[:, :, 0]
     mask_tokens_out = queries[:, :, 1:1 + self.num_mask_tokens]
     grid = keys.reshape(b * p, h, w, c)
-    up = jax.nn.gelu(self.upscale_layer_norm(self.upscale_conv1(grid)), approximate=False)
-    up = jax.nn.gelu(self.upscale_conv2(up), approximate=False)       # [bp, 4h, 4w, c/8]
+    up = gelu_exact(self.upscale_layer_norm(self.upscale_conv1(grid)))
+    up = gelu_exact(self.upscale_conv2(up))       # [bp, 4h, 4w, c/8]
     up = up.reshape(b, p, 4 * h, 4 * w, c // 8)
     hyper = jnp.stack([mlp(mask_tokens_out[:, :, i])
                        for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=2)

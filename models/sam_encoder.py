@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import LayerNorm, fused_attention, resolve_attention_impl
+from models.layers import LayerNorm, fused_attention, gelu_exact, resolve_attention_impl
 from models.lora import Linear
 
 
@@ -180,7 +180,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.lin1(x)
-    h = jax.nn.gelu(h, approximate=False) if self.act == "gelu" else jax.nn.relu(h)
+    h = gelu_exact(h) if self.act == "gelu" else jax.nn.relu(h)
     return self.lin2(h)
 
 

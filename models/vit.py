@@ -43,15 +43,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import LayerNorm, check_attention_impl, fused_attention, resolve_attention_impl
+from models.layers import (LayerNorm, check_attention_impl, fused_attention, gelu_exact,
+                           resolve_attention_impl)
 from models.lora import Linear, LoRAParam
 
 # --- Config ---------------------------------------------------------------------------------
 
 # HF activation name → function. "gelu" is the exact erf GELU (jax's default is tanh).
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
+    "gelu_python": gelu_exact,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,

@@ -237,3 +237,24 @@ def test_bfloat16_parity_with_hf_bfloat16(tmp_path, impl):
   assert _max_err(out.last_hidden_state, hidden16) <= 0.08
   # Measured: ours vs HF f32 0.024 = HF bf16 vs HF f32 0.024 (ratio 1.0); allowed 2×.
   assert _max_err(out.last_hidden_state, hidden32) <= 2 * _max_err(hidden16, hidden32)
+
+
+def test_gelu_exact_matches_float64_erf_and_torch():
+  """The erf-form exact GELU against a float64 oracle (math.erf) and torch's "gelu", values
+  and gradients, on inputs from the far tails to 0."""
+  import math
+
+  from models.layers import gelu_exact
+  x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(size=2000)])
+  x = x.astype(np.float32)
+  oracle = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+  d_oracle = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2)
+                       / math.sqrt(2 * math.pi) for v in x.astype(np.float64)])
+  ours = np.asarray(jax.jit(gelu_exact)(jnp.asarray(x)), np.float64)
+  d_ours = np.asarray(jax.jit(jax.grad(lambda v: gelu_exact(v).sum()))(jnp.asarray(x)))
+  np.testing.assert_allclose(ours, oracle, rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(d_ours, d_oracle, rtol=2e-6, atol=2e-6)
+  t = torch.from_numpy(x.copy())
+  np.testing.assert_allclose(ours, torch.nn.functional.gelu(t).numpy(), rtol=1e-6, atol=1e-6)
+  assert np.asarray(gelu_exact(jnp.asarray(x))).dtype == np.float32
+  assert np.asarray(gelu_exact(jnp.asarray(x, jnp.bfloat16))).dtype == jnp.bfloat16
