@@ -216,20 +216,24 @@ def pivot(G, c, lam, w, simplex, rounds):
   sig = jnp.where(S, 1.0, 0.0).astype(w.dtype) if simplex else jnp.sign(w)
   B = w.shape[:-1]
   carry = (S, sig, jnp.full(B, k + 1), jnp.full(B, 3), jnp.zeros(B, bool), jnp.zeros(B, bool), w)
-  carry, _ = _pivot_members(G, c, lam, simplex, carry, jnp.zeros((), jnp.int32), rounds)
+  carry, _ = _pivot_members(G, c, lam, simplex, carry, jnp.zeros((), jnp.int32), rounds,
+                            _NARROWINGS)
   return carry[6], carry[5]
 
 
 _MIN_MEMBERS = 8
+# Each narrowing is one more compiled copy of the round: 2 keeps most of the saving (the
+# members left after two halvings are few) at a compile time close to no narrowing at all.
+_NARROWINGS = 2
 
 
-def _pivot_members(G, c, lam, simplex, carry, r, rounds):
+def _pivot_members(G, c, lam, simplex, carry, r, rounds, narrowings):
   """Pivoting rounds on a batch [b, k, k]; once at most half its members are still moving,
   they are gathered into a batch of b/2 (a round costs one batched Cholesky per member,
-  moving or not)."""
+  moving or not), at most ``narrowings`` times."""
   b = G.shape[0]
   h = b // 2
-  small = h < _MIN_MEMBERS
+  small = h < _MIN_MEMBERS or narrowings == 0
 
   def cond(rc):
     n_open = (~rc[1][4]).sum()
@@ -241,5 +245,6 @@ def _pivot_members(G, c, lam, simplex, carry, r, rounds):
     return carry, r
   order = jnp.argsort(carry[4], stable=True)[:h]  # the moving members first
   pick = lambda a: a[order]
-  sub, r = _pivot_members(pick(G), pick(c), pick(lam), simplex, jax.tree.map(pick, carry), r, rounds)
+  sub, r = _pivot_members(pick(G), pick(c), pick(lam), simplex, jax.tree.map(pick, carry), r,
+                          rounds, narrowings - 1)
   return jax.tree.map(lambda a, s: a.at[order].set(s), carry, sub), r

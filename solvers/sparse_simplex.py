@@ -40,8 +40,10 @@ Certificates (the ``gap`` field, a certified upper bound on F(w) − F*):
   judged by the gradient-mapping residual ‖PG∇f‖_∞/L instead (the polish makes the
   answer exact: it solves the KKT system [2G 1; 1ᵀ 0]).
 
-Polish. At iteration 10, once every live member's relative gap is below 1e-3, and every
-100 iterations in any case, the active set is solved for directly, in two stages:
+Polish. Once every live member's relative gap is below 1e-3, every 100 iterations in any
+case, and (k ≥ 32) at iteration 10, the active set is solved for directly; for k ≥ 32 in
+two stages (below k = 32 the second alone: few indices are wrong there, and the first
+would only cost compile time):
 
 * block principal pivoting (``solvers.active_set.pivot``) from each member's support S and
   signs σ: solve the KKT system on the face,
@@ -109,6 +111,11 @@ _POLISH_EVERY = 100
 # 2-core machine). Well-conditioned members ("indep", "offset") are done before it.
 _POLISH_FIRST = 10
 _PIVOT_ROUNDS = 16  # then the primal active set takes over (see module docstring)
+# Block pivoting (and the polish at _POLISH_FIRST) from this many references on: the
+# primal active set's rounds grow with the number of wrong indices, which grows with k; at
+# small k it needs few rounds and the pivoting loop would only add compile time (one more
+# while loop and its narrowed copies: +1-6 s on the first call of a shape).
+_PIVOT_MIN_K = 32
 _GRAM_BYTES = 2 << 20  # vectors per chunk when forming Gram matrices (cache-sized)
 _SOLVE_BYTES = 2 << 20  # Gram matrices per chunk while iterating (cache-sized)
 
@@ -283,7 +290,11 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
     progress = jnp.where(lam0, res0, gap / jnp.maximum(Fv, floor))
     return F, gap, res0, conv | flat | bad, progress
 
-  def polish(st):
+  pivoting = k >= _PIVOT_MIN_K  # static: the shapes decide
+
+  def face_point(st):
+    if not pivoting:
+      return _polish(G, c, lam, st.w, simplex)
     # block pivoting first; the primal active set only if some member needs it
     wb, opt = _pivot(G, c, lam, st.w, simplex, _PIVOT_ROUNDS)
 
@@ -292,7 +303,10 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
       sel = lambda a, b: jnp.where(opt.reshape(opt.shape + (1,) * (a.ndim - 1)), a, b)
       return sel(wb, wp), ok | opt, full | opt
 
-    wp, ok, full = lax.cond(jnp.all(opt | st.polished), lambda _: (wb, opt, opt), rest, None)
+    return lax.cond(jnp.all(opt | st.polished), lambda _: (wb, opt, opt), rest, None)
+
+  def polish(st):
+    wp, ok, full = face_point(st)
     Gwp = _mv(G, wp)
     Fp, gapp, res0p, convp, _ = measures(wp, Gwp)
     ok &= ~st.polished & (Fp <= st.F + 4 * eps * jnp.abs(st.F)) & ((gapp <= st.gap) | lam0 | ~full)
@@ -325,7 +339,9 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
                 keep(res0, st.res0), st.done | (live & conv), st.iters + live, st.thr, st.polished)
     if not cfg.polish:
       return st
-    ready = jnp.all(st.done | (progress <= st.thr)) | (st.it % _POLISH_EVERY == 0) | (st.it == _POLISH_FIRST)
+    ready = jnp.all(st.done | (progress <= st.thr)) | (st.it % _POLISH_EVERY == 0)
+    if pivoting:
+      ready |= st.it == _POLISH_FIRST
     return lax.cond(ready & ~jnp.all(st.done), polish, lambda x: x, st)
 
   w0 = jnp.full((B, k), 1 / k, dt)
