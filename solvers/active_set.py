@@ -1,6 +1,7 @@
-"""The face KKT system of the sparse affine / simplex weight problem, and the primal
-active-set method built on it (the polish of ``solvers.sparse_simplex``, whose module
-docstring gives the problem and the notation: centred Gram form G̃, c, support S, signs σ).
+"""The face KKT system of the sparse affine / simplex weight problem, and the two
+active-set methods built on it, block principal pivoting (``pivot``) and the primal active
+set (``polish``): the polish of ``solvers.sparse_simplex``, whose module docstring gives the
+problem and the notation (centred Gram form G̃, c, support S, signs σ).
 
 On a face (S, σ) the objective is a quadratic; its minimiser solves
   2(G̃ + ρ11ᵀ)_SS w_S = 2c_S − λσ_S + ν1,  1ᵀw_S = 1
@@ -147,3 +148,103 @@ def _polish_step(G, c, lam, w, S, sig, simplex):
   if simplex:
     ok &= jnp.all(wn >= 0, -1)
   return jnp.where(ok[..., None], wn, w), Sn, sign, ok, full & ~add
+
+
+# --------------------------------------------------------------------------- pivoting
+
+
+def _face(G, c, lam, S, sig, simplex):
+  """The face minimiser on (S, σ) and g − ν there (ν from the face), as in ``_polish_step``."""
+  r = 2 * c if simplex else 2 * c + 2 * lam[..., None] * (sig < 0)
+  w = _kkt_solve(kkt_factor_on(G, S), S, (r, jnp.ones_like(lam)))
+  g = 2 * (mv(G, w) - c)
+  gs = g if simplex else g + lam[..., None] * sig
+  nu = jnp.where(S, gs, 0).sum(-1) / jnp.maximum(S.sum(-1), 1)
+  return w, g - nu[..., None]
+
+
+def _infeasible(w, dev, S, sig, lam, simplex):
+  """(signs broken on S, optimality violated off S) at a face minimiser; same threshold as
+  ``_polish_step``'s add test."""
+  tol = jnp.sqrt(jnp.finfo(w.dtype).eps) * (lam + jnp.abs(dev).max(-1))
+  broken = S & (sig * w < 0)
+  excess = -dev if simplex else jnp.abs(dev) - lam[..., None]
+  return broken, ~S & (excess > tol[..., None])
+
+
+def _pivot_round(G, c, lam, simplex, carry):
+  """One block-pivoting round (see ``pivot``) on carry (S, σ, best, p, stop, optimal, point)."""
+  S, sig, best, p, stop, opt, w = carry
+  k = S.shape[-1]
+  idx = jnp.arange(k)
+  wf, dev = _face(G, c, lam, S, sig, simplex)
+  broken, viol = _infeasible(wf, dev, S, sig, lam, simplex)
+  bad = broken | viol
+  n = bad.sum(-1)
+  full = (n < best) | (p > 0)
+  p = jnp.where(n < best, 3, p - full)
+  best = jnp.minimum(best, n)
+  last = idx == jnp.argmax(jnp.where(bad, idx, -1), -1)[..., None]
+  swap = bad & (full[..., None] | last)
+  Sn = S ^ swap
+  optn = jnp.all(jnp.isfinite(wf), -1) & (n == 0)
+  moving = ~stop & ~optn & jnp.all(jnp.isfinite(wf), -1) & jnp.any(Sn, -1)
+  sign = jnp.where(viol, 1.0 if simplex else -jnp.sign(dev), sig)
+  mv_ = moving[..., None]
+  return (jnp.where(mv_, Sn, S), jnp.where(mv_, jnp.where(Sn, sign, 0), sig), best, p, stop | ~moving,
+          opt | (~stop & optn), jnp.where((~stop & optn)[..., None], wf, w))
+
+
+def pivot(G, c, lam, w, simplex, rounds):
+  """Block principal pivoting from w's support and signs: a guess of the optimal face.
+
+  Each round solves the face system on (S, σ); every index of S whose face weight broke
+  its sign leaves S, and every index off S that violates optimality (affine |gᵢ − ν| > λ,
+  simplex gᵢ < ν) joins it with the sign that lowers the objective, all at once. While the
+  number of infeasible indices falls (or for 3 rounds after it last fell) all are exchanged,
+  otherwise only the last one (Júdice & Pires 1994; Kim & Park 2011, NNLS), which rules out
+  cycling where the LCP's matrix is a P-matrix. Unlike ``polish`` one round can drop or add
+  many indices (from a FISTA iterate with a far too large support: 4–7 rounds where the
+  primal active set needs 30+), but the objective is not monotone, so it is a guess:
+  a member that reaches a face with no infeasible index (``optimal``) holds the exact KKT
+  point; the others are left to ``polish``. At most ``rounds`` rounds; G is [B, k, k] (one
+  batch axis), and once at most half the members still move, only they are iterated
+  (``_pivot_members``). Returns (point, optimal).
+  """
+  k = w.shape[-1]
+  S = w > 0 if simplex else w != 0
+  sig = jnp.where(S, 1.0, 0.0).astype(w.dtype) if simplex else jnp.sign(w)
+  B = w.shape[:-1]
+  carry = (S, sig, jnp.full(B, k + 1), jnp.full(B, 3), jnp.zeros(B, bool), jnp.zeros(B, bool), w)
+  carry, _ = _pivot_members(G, c, lam, simplex, carry, jnp.zeros((), jnp.int32), rounds,
+                            _NARROWINGS)
+  return carry[6], carry[5]
+
+
+_MIN_MEMBERS = 8
+# Each narrowing is one more compiled copy of the round: 2 keeps most of the saving (the
+# members left after two halvings are few) at a compile time close to no narrowing at all.
+_NARROWINGS = 2
+
+
+def _pivot_members(G, c, lam, simplex, carry, r, rounds, narrowings):
+  """Pivoting rounds on a batch [b, k, k]; once at most half its members are still moving,
+  they are gathered into a batch of b/2 (a round costs one batched Cholesky per member,
+  moving or not), at most ``narrowings`` times."""
+  b = G.shape[0]
+  h = b // 2
+  small = h < _MIN_MEMBERS or narrowings == 0
+
+  def cond(rc):
+    n_open = (~rc[1][4]).sum()
+    return (rc[0] < rounds) & ((n_open > 0) if small else (n_open > h))
+
+  body = lambda rc: (rc[0] + 1, _pivot_round(G, c, lam, simplex, rc[1]))
+  r, carry = lax.while_loop(cond, body, (r, carry))
+  if small:
+    return carry, r
+  order = jnp.argsort(carry[4], stable=True)[:h]  # the moving members first
+  pick = lambda a: a[order]
+  sub, r = _pivot_members(pick(G), pick(c), pick(lam), simplex, jax.tree.map(pick, carry), r,
+                          rounds, narrowings - 1)
+  return jax.tree.map(lambda a, s: a.at[order].set(s), carry, sub), r

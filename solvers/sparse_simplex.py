@@ -40,17 +40,32 @@ Certificates (the ``gap`` field, a certified upper bound on F(w) − F*):
   judged by the gradient-mapping residual ‖PG∇f‖_∞/L instead (the polish makes the
   answer exact: it solves the KKT system [2G 1; 1ᵀ 0]).
 
-Polish. Once every live member's relative gap is below 1e-3 (and every 100 iterations in
-any case) a primal active-set method runs from each member's support S and signs σ: it
-solves the KKT system on the face, 2(G̃ + ρ11ᵀ)_SS w_S = 2c_S − λσ_S + ν1, 1ᵀw_S = 1
+Polish. Once every live member's relative gap is below 1e-3, every 100 iterations in any
+case, and (k ≥ 32) at iteration 10, the active set is solved for directly; for k ≥ 32 in
+two stages (below k = 32 the second alone: few indices are wrong there, and the first
+would only cost compile time):
+
+* block principal pivoting (``solvers.active_set.pivot``) from each member's support S and
+  signs σ: solve the KKT system on the face,
+      2(G̃ + ρ11ᵀ)_SS w_S = 2c_S − λσ_S + ν1,  1ᵀw_S = 1,
+  then let every index whose face weight broke its sign (σᵢwᵢ < 0) leave S and every index
+  off S that violates optimality (|gᵢ − ν| > λ; simplex gᵢ < ν) join it, all at once (one
+  at a time when that stops reducing the number of infeasible indices: Júdice & Pires'
+  backup rule), until no index is infeasible: that face's minimiser is the KKT point.
+  From a FISTA iterate whose support is far too large (ill-conditioned members: after 10
+  iterations ~35 of 64 indices wrong) this takes 4–7 rounds, where a one-index-per-round
+  method needs 30+; it is what lets the first polish come at iteration 10, not 100.
+* members that pivoting leaves unfinished (it is not monotone in F; 16 rounds at most) get
+  the primal active-set method from their FISTA iterate: on the same face system, if the
+  face's minimiser breaks a sign it steps to the first sign change and drops that index,
+  otherwise it adds the index that violates optimality most, until no index does (F
+  decreases at every step). This is what makes LP-like problems (k > d, tiny λ) finish.
+
 (ρ11ᵀ adds the constant ρ to f on the affine set and makes the block positive definite
 whenever the problem restricted to S is strictly convex; a tiny ridge plus one step of
-iterative refinement handles singular blocks); if the face's minimiser breaks a sign it
-steps to the first sign change and drops that index, otherwise it adds the index that
-violates optimality most (|gᵢ − ν| > λ; simplex gᵢ < ν), until no index does. This is what
-makes LP-like problems (k > d, tiny λ) and ill-conditioned ones finish. The polished point
-is kept if it is finite, feasible and neither its objective nor its gap is worse; the
-certificate then decides convergence.
+iterative refinement handles singular blocks.) The polished point is kept if it is finite,
+feasible and neither its objective nor its gap is worse; the certificate then decides
+convergence.
 
 Gradients. ``weights`` and ``objective`` carry a custom JVP: implicit differentiation of
 the same active-set KKT system (dw_S solves it with right side −2(dG w)_S + 2dc_S − dλσ_S,
@@ -74,7 +89,7 @@ import numpy as np
 from jax import lax
 
 from solvers import prox
-from solvers.active_set import kkt_factor, kkt_solve_linear, mv as _mv, polish as _polish
+from solvers.active_set import kkt_factor, kkt_solve_linear, mv as _mv, pivot as _pivot, polish as _polish
 
 CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
 STATUS_NAMES = ("converged", "max_iter", "nonfinite")
@@ -89,6 +104,18 @@ _POLISH_START = 1e-3  # first polish once every live member's relative gap is be
 # d=768, "subspace" in benchmarks/solver_speed.py) every 10 iterations cost 2.6 ms/problem,
 # every 50 1.06, every 100 0.53, every 200 0.68 (the member's own FISTA then finishes).
 _POLISH_EVERY = 100
+# ...and once at this iteration: block pivoting finishes ill-conditioned members from any
+# early iterate in 4-7 rounds (a round ~ 15 iterations' cost), so waiting buys little; on
+# "subspace" (benchmarks/solver_speed.py, B=1000, k=64, d=768, float32) this took the median
+# from 100 iterations to 10 and the time from 3.5-3.7x the Gram floor to 1.8-2.0x (noisy
+# 2-core machine). Well-conditioned members ("indep", "offset") are done before it.
+_POLISH_FIRST = 10
+_PIVOT_ROUNDS = 16  # then the primal active set takes over (see module docstring)
+# Block pivoting (and the polish at _POLISH_FIRST) from this many references on: the
+# primal active set's rounds grow with the number of wrong indices, which grows with k; at
+# small k it needs few rounds and the pivoting loop would only add compile time (one more
+# while loop and its narrowed copies: +1-6 s on the first call of a shape).
+_PIVOT_MIN_K = 32
 _GRAM_BYTES = 2 << 20  # vectors per chunk when forming Gram matrices (cache-sized)
 _SOLVE_BYTES = 2 << 20  # Gram matrices per chunk while iterating (cache-sized)
 
@@ -263,8 +290,23 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
     progress = jnp.where(lam0, res0, gap / jnp.maximum(Fv, floor))
     return F, gap, res0, conv | flat | bad, progress
 
+  pivoting = k >= _PIVOT_MIN_K  # static: the shapes decide
+
+  def face_point(st):
+    if not pivoting:
+      return _polish(G, c, lam, st.w, simplex)
+    # block pivoting first; the primal active set only if some member needs it
+    wb, opt = _pivot(G, c, lam, st.w, simplex, _PIVOT_ROUNDS)
+
+    def rest(_):
+      wp, ok, full = _polish(G, c, lam, st.w, simplex)
+      sel = lambda a, b: jnp.where(opt.reshape(opt.shape + (1,) * (a.ndim - 1)), a, b)
+      return sel(wb, wp), ok | opt, full | opt
+
+    return lax.cond(jnp.all(opt | st.polished), lambda _: (wb, opt, opt), rest, None)
+
   def polish(st):
-    wp, ok, full = _polish(G, c, lam, st.w, simplex)
+    wp, ok, full = face_point(st)
     Gwp = _mv(G, wp)
     Fp, gapp, res0p, convp, _ = measures(wp, Gwp)
     ok &= ~st.polished & (Fp <= st.F + 4 * eps * jnp.abs(st.F)) & ((gapp <= st.gap) | lam0 | ~full)
@@ -298,6 +340,8 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
     if not cfg.polish:
       return st
     ready = jnp.all(st.done | (progress <= st.thr)) | (st.it % _POLISH_EVERY == 0)
+    if pivoting:
+      ready |= st.it == _POLISH_FIRST
     return lax.cond(ready & ~jnp.all(st.done), polish, lambda x: x, st)
 
   w0 = jnp.full((B, k), 1 / k, dt)

@@ -317,6 +317,32 @@ def test_float32_on_offset_data(clarabel):
         assert excess <= 1e-5, (lam, con, i, excess)
 
 
+def subspace_problems(rng, n, k, d):
+  """benchmarks/solver_speed.py's "subspace" kind: offset + a shared 16-dim subspace with
+  decaying scales + a little noise; the centred Gram's condition number in Σw = 0 is ~10³."""
+  u = 10 * rng.normal(size=d)
+  A = rng.normal(size=(d, 16)) * 0.7 ** np.arange(16)
+  Z = u + rng.normal(size=(n, k, 16)) @ A.T + 0.3 * rng.normal(size=(n, k, d))
+  z = u + rng.normal(size=(n, 16)) @ A.T + 0.3 * rng.normal(size=(n, d))
+  Zc = Z - Z.mean(1, keepdims=True)
+  return Z, z, 0.01 * np.mean(np.sum(Zc ** 2, -1))
+
+
+@pytest.mark.parametrize("constraint", ["affine", "simplex"])
+def test_ill_conditioned_batch_is_certified_in_few_iterations(clarabel, constraint):
+  """The pivoting polish at iteration 10 finishes ill-conditioned members that FISTA alone
+  would take hundreds of iterations on (and the old schedule, a polish every 100, 100):
+  same certified optimum as Clarabel, and 10 iterations, not 100."""
+  rng = np.random.default_rng(17)
+  Z, z, lam = subspace_problems(rng, 12, 64, 768)
+  sol = ss.solve(Z, z, lam, constraint=constraint)
+  check_against_clarabel(clarabel, Z, z, lam, constraint, sol)
+  assert np.max(sol.iterations) <= 30, np.asarray(sol.iterations)
+  # FISTA alone is far from done there (what made the old schedule wait for iteration 100)
+  fista = ss.solve(Z, z, lam, constraint=constraint, polish=False, max_iter=30)
+  assert np.all(np.asarray(fista.status) == ss.MAX_ITER)
+
+
 # --------------------------------------------------------------------------- slow tier
 
 
