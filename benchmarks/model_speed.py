@@ -162,14 +162,11 @@ def train_row(case: str, ours, loss_fn, batch: dict, theirs, torch_loss: Callabl
 # --- ViT ------------------------------------------------------------------------------------
 
 def vit_cases(args) -> list[Row]:
-  import peft
   import torch
   import transformers
   from flax import nnx
 
-  from models import hf
-  from models.lora import adapted_layers, to_flat
-  from rpe_jax.library.peft_io import read_peft
+  from models.lora import adapted_layers
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -185,18 +182,7 @@ def vit_cases(args) -> list[Row]:
   x = jnp.asarray(x_t.permute(0, 2, 3, 1).numpy())
   y = jnp.asarray(y_t.numpy())
 
-  with tempfile.TemporaryDirectory() as tmp:
-    theirs.save_pretrained(f"{tmp}/base")
-    ours = hf.load(f"{tmp}/base")
-    theirs = peft.get_peft_model(theirs, peft.LoraConfig(
-        r=args.rank, lora_alpha=args.rank, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-      for name, p in theirs.named_parameters():
-        if "lora_B" in name:
-          p.copy_(0.02 * torch.randn_like(p))
-    theirs.save_pretrained(f"{tmp}/adapter")
-    adapter = to_flat(read_peft(f"{tmp}/adapter", ours))
-
+  ours, theirs, adapter = _peft_pair(theirs, ["q_proj", "v_proj"], args.rank)
   layers = adapted_layers(ours)
 
   def jit_forward(model):
@@ -240,13 +226,13 @@ def vit_cases(args) -> list[Row]:
 
 
 def _peft_pair(theirs, targets, rank):
-  """(ours with the adapter set, theirs as a PeftModel): the same random non-zero LoRA
-  (PEFT-made, lora_B redrawn) on both sides, read into ours by ``read_peft``."""
+  """(ours, theirs as a PeftModel, the adapter as flat leaves): the same random non-zero
+  LoRA (PEFT-made, lora_B redrawn), read for ours by ``read_peft`` but not installed."""
   import peft
   import torch
 
   from models import hf
-  from models.lora import adapted_layers, to_flat
+  from models.lora import to_flat
   from rpe_jax.library.peft_io import read_peft
   with tempfile.TemporaryDirectory() as tmp:
     theirs.save_pretrained(f"{tmp}/base")
@@ -259,10 +245,16 @@ def _peft_pair(theirs, targets, rank):
           p.copy_(0.02 * torch.randn_like(p))
     theirs.save_pretrained(f"{tmp}/adapter")
     adapter = to_flat(read_peft(f"{tmp}/adapter", ours))
-  layers = adapted_layers(ours)
+  return ours, theirs, adapter
+
+
+def _install(model, adapter):
+  """Set every flat adapter leaf on its layer of ``model`` (in place); returns ``model``."""
+  from models.lora import adapted_layers
+  layers = adapted_layers(model)
   for path, leaf in adapter.items():
     layers[path].set_adapter(leaf)
-  return ours, theirs
+  return model
 
 
 def sam_cases(args) -> list[Row]:
@@ -282,7 +274,9 @@ def sam_cases(args) -> list[Row]:
     hf_config = tiny_hf_config()
   else:
     hf_config = transformers.SamConfig()
-  ours, theirs = _peft_pair(transformers.SamModel(hf_config).eval(), ["qkv"], args.rank)
+  ours, theirs, adapter = _peft_pair(transformers.SamModel(hf_config).eval(), ["qkv"],
+                                     args.rank)
+  _install(ours, adapter)
   size = hf_config.vision_config.image_size
   low_res = 4 * hf_config.prompt_encoder_config.image_embedding_size
   x_t = torch.randn(args.batch, 3, size, size)
@@ -332,8 +326,9 @@ def llama_cases(args) -> list:
   rows = decode_cases(args)
   torch.manual_seed(0)
   config = hf_config(args.tiny)
-  ours, theirs = _peft_pair(transformers.LlamaForCausalLM(config).eval(),
-                            ["q_proj", "v_proj"], args.rank)
+  ours, theirs, adapter = _peft_pair(transformers.LlamaForCausalLM(config).eval(),
+                                     ["q_proj", "v_proj"], args.rank)
+  _install(ours, adapter)
   ids_t = torch.randint(3, config.vocab_size, (args.batch, 128))
 
   def torch_loss(m):
