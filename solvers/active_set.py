@@ -113,14 +113,27 @@ def polish(G, c, lam, w, simplex):
   return w, ok, done
 
 
+def _face_minimiser(G, c, lam, S, sig, simplex):
+  """The minimiser of the quadratic on the face (S, σ): the KKT solve above."""
+  # λσ = λ1 − 2λ[σ < 0]; the λ1 part only moves ν, and dropping it keeps a huge λ exact.
+  r = 2 * c if simplex else 2 * c + 2 * lam[..., None] * (sig < 0)
+  return _kkt_solve(kkt_factor_on(G, S), S, (r, jnp.ones_like(lam)))
+
+
+def _deviation(G, c, lam, w, S, sig, simplex):
+  """(g, ν, g − ν) at w: the gradient g = 2(G̃w − c), the face's multiplier ν (the mean of
+  g + λσ over S; simplex: of g) and each index's deviation from it."""
+  g = 2 * (mv(G, w) - c)
+  gs = g if simplex else g + lam[..., None] * sig
+  nu = jnp.where(S, gs, 0).sum(-1) / jnp.maximum(S.sum(-1), 1)
+  return g, nu, g - nu[..., None]
+
+
 def _polish_step(G, c, lam, w, S, sig, simplex):
   """One active-set round on the face (S, σ) (see ``polish``).
 
   Returns (point, support, signs, usable, optimal)."""
-  cf = kkt_factor_on(G, S)
-  # λσ = λ1 − 2λ[σ < 0]; the λ1 part only moves ν, and dropping it keeps a huge λ exact.
-  r = 2 * c if simplex else 2 * c + 2 * lam[..., None] * (sig < 0)
-  wp = _kkt_solve(cf, S, (r, jnp.ones_like(lam)))
+  wp = _face_minimiser(G, c, lam, S, sig, simplex)
   cross = S & (sig * wp < 0)
   ti = jnp.where(cross, w / jnp.where(cross, w - wp, 1), 1)
   t = jnp.clip(ti.min(-1), 0, 1)
@@ -133,10 +146,7 @@ def _polish_step(G, c, lam, w, S, sig, simplex):
   moved = keep & (wn != 0)  # Σw = 1 to rounding; a just-added index still at 0 stays there
   wn = jnp.where(keep, wn + jnp.where(moved, ((1 - wn.sum(-1)) / jnp.maximum(moved.sum(-1), 1))[..., None], 0), 0)
   # optimality off the face at the face minimiser: gᵢ − ν against λ (ν from the face)
-  g = 2 * (mv(G, wn) - c)
-  gs = g if simplex else g + lam[..., None] * sig
-  nu = jnp.where(keep, gs, 0).sum(-1) / jnp.maximum(n, 1)
-  dev = g - nu[..., None]
+  g, nu, dev = _deviation(G, c, lam, wn, keep, sig, simplex)
   viol = jnp.where(keep, -jnp.inf, -dev if simplex else jnp.abs(dev) - lam[..., None])
   scale = lam + jnp.abs(g).max(-1) + jnp.abs(nu)
   j = jnp.argmax(viol, -1)
@@ -154,18 +164,14 @@ def _polish_step(G, c, lam, w, S, sig, simplex):
 
 
 def _face(G, c, lam, S, sig, simplex):
-  """The face minimiser on (S, σ) and g − ν there (ν from the face), as in ``_polish_step``."""
-  r = 2 * c if simplex else 2 * c + 2 * lam[..., None] * (sig < 0)
-  w = _kkt_solve(kkt_factor_on(G, S), S, (r, jnp.ones_like(lam)))
-  g = 2 * (mv(G, w) - c)
-  gs = g if simplex else g + lam[..., None] * sig
-  nu = jnp.where(S, gs, 0).sum(-1) / jnp.maximum(S.sum(-1), 1)
-  return w, g - nu[..., None]
+  """The face minimiser on (S, σ) and g − ν there (ν from the face)."""
+  w = _face_minimiser(G, c, lam, S, sig, simplex)
+  return w, _deviation(G, c, lam, w, S, sig, simplex)[2]
 
 
 def _infeasible(w, dev, S, sig, lam, simplex):
-  """(signs broken on S, optimality violated off S) at a face minimiser; same threshold as
-  ``_polish_step``'s add test."""
+  """(signs broken on S, optimality violated off S) at a face minimiser; the tolerance is
+  √eps · (λ + max|g − ν|) (``_polish_step``'s add test scales by λ + max|g| + |ν|)."""
   tol = jnp.sqrt(jnp.finfo(w.dtype).eps) * (lam + jnp.abs(dev).max(-1))
   broken = S & (sig * w < 0)
   excess = -dev if simplex else jnp.abs(dev) - lam[..., None]
