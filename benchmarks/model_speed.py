@@ -43,6 +43,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rpe_jax.compose import with_adapter  # noqa: E402
+
 
 class Row(NamedTuple):
   case: str
@@ -166,7 +168,7 @@ def vit_cases(args) -> list[Row]:
   import transformers
   from flax import nnx
 
-  from models.lora import adapted_layers
+  from models.lora import adapted_layers, to_flat
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -183,7 +185,6 @@ def vit_cases(args) -> list[Row]:
   y = jnp.asarray(y_t.numpy())
 
   ours, theirs, adapter = _peft_pair(theirs, ["q_proj", "v_proj"], args.rank)
-  layers = adapted_layers(ours)
 
   def jit_forward(model):
     graphdef, state = nnx.split(model)
@@ -206,8 +207,7 @@ def vit_cases(args) -> list[Row]:
 
   with theirs.disable_adapter():
     forward_row("forward, no adapter", jit_forward(ours), torch_forward(theirs))
-  for path, leaf in adapter.items():
-    layers[path].set_adapter(leaf)
+  ours = with_adapter(ours, adapter)
   forward_row(f"forward, unmerged LoRA r={args.rank} (q,v)", jit_forward(ours),
               torch_forward(theirs))
 
@@ -218,7 +218,8 @@ def vit_cases(args) -> list[Row]:
                         args))
 
   # Merged: fold the adapter into the kernels on both sides.
-  for path in adapter:
+  layers = adapted_layers(ours)
+  for path in to_flat(adapter):
     layers[path].merge()
   merged = theirs.merge_and_unload()
   forward_row("forward, merged", jit_forward(ours), torch_forward(merged))
@@ -226,13 +227,12 @@ def vit_cases(args) -> list[Row]:
 
 
 def _peft_pair(theirs, targets, rank):
-  """(ours, theirs as a PeftModel, the adapter as flat leaves): the same random non-zero
-  LoRA (PEFT-made, lora_B redrawn), read for ours by ``read_peft`` but not installed."""
+  """(ours, theirs as a PeftModel, the adapter as read by ``read_peft``): the same random
+  non-zero LoRA (PEFT-made, lora_B redrawn), not yet set on ours (``with_adapter`` does)."""
   import peft
   import torch
 
   from models import hf
-  from models.lora import to_flat
   from rpe_jax.library.peft_io import read_peft
   with tempfile.TemporaryDirectory() as tmp:
     theirs.save_pretrained(f"{tmp}/base")
@@ -244,17 +244,8 @@ def _peft_pair(theirs, targets, rank):
         if "lora_B" in name:
           p.copy_(0.02 * torch.randn_like(p))
     theirs.save_pretrained(f"{tmp}/adapter")
-    adapter = to_flat(read_peft(f"{tmp}/adapter", ours))
+    adapter = read_peft(f"{tmp}/adapter", ours)
   return ours, theirs, adapter
-
-
-def _install(model, adapter):
-  """Set every flat adapter leaf on its layer of ``model`` (in place); returns ``model``."""
-  from models.lora import adapted_layers
-  layers = adapted_layers(model)
-  for path, leaf in adapter.items():
-    layers[path].set_adapter(leaf)
-  return model
 
 
 def sam_cases(args) -> list[Row]:
@@ -276,7 +267,7 @@ def sam_cases(args) -> list[Row]:
     hf_config = transformers.SamConfig()
   ours, theirs, adapter = _peft_pair(transformers.SamModel(hf_config).eval(), ["qkv"],
                                      args.rank)
-  _install(ours, adapter)
+  ours = with_adapter(ours, adapter)
   size = hf_config.vision_config.image_size
   low_res = 4 * hf_config.prompt_encoder_config.image_embedding_size
   x_t = torch.randn(args.batch, 3, size, size)
@@ -328,7 +319,7 @@ def llama_cases(args) -> list:
   config = hf_config(args.tiny)
   ours, theirs, adapter = _peft_pair(transformers.LlamaForCausalLM(config).eval(),
                                      ["q_proj", "v_proj"], args.rank)
-  _install(ours, adapter)
+  ours = with_adapter(ours, adapter)
   ids_t = torch.randint(3, config.vocab_size, (args.batch, 128))
 
   def torch_loss(m):
