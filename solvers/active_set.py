@@ -12,6 +12,8 @@ right-hand sides, gives the implicit derivatives of the weights.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -20,6 +22,13 @@ from jax import lax
 def mv(G, w):
   """G w for batches of k×k matrices, at full precision."""
   return jnp.einsum("...ij,...j->...i", G, w, precision=lax.Precision.HIGHEST)
+
+
+def where_members(mask, a, b):
+  """``jnp.where`` with one flag per member: mask [B] picks a or b over each member's
+  trailing axes (a, b: [B, ...], or scalars)."""
+  n = max(jnp.ndim(a), jnp.ndim(b))
+  return jnp.where(mask.reshape(mask.shape + (1,) * (n - mask.ndim)), a, b)
 
 
 def kkt_factor(G, w, simplex):
@@ -106,7 +115,7 @@ def polish(G, c, lam, w, simplex):
     r, w, S, sig, ok, done = carry
     wn, Sn, sign, okn, donen = _polish_step(G, c, lam, w, S, sig, simplex)
     step = (ok & ~done & okn)
-    sel = lambda a, b: jnp.where(step.reshape(step.shape + (1,) * (a.ndim - 1)), a, b)
+    sel = functools.partial(where_members, step)
     return r + 1, sel(wn, w), sel(Sn, S), sel(sign, sig), ok, done | ~okn | step & donen
 
   _, w, _, _, ok, done = lax.while_loop(cond, body, (jnp.ones((), jnp.int32), w, S, sig, ok, done))

@@ -90,6 +90,7 @@ from jax import lax
 
 from solvers import prox
 from solvers.active_set import kkt_factor, kkt_solve_linear, mv as _mv, pivot as _pivot, polish as _polish
+from solvers.active_set import where_members as _where_members
 
 CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
 STATUS_NAMES = ("converged", "max_iter", "nonfinite")
@@ -300,7 +301,7 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
 
     def rest(_):
       wp, ok, full = _polish(G, c, lam, st.w, simplex)
-      sel = lambda a, b: jnp.where(opt.reshape(opt.shape + (1,) * (a.ndim - 1)), a, b)
+      sel = functools.partial(_where_members, opt)
       return sel(wb, wp), ok | opt, full | opt
 
     return lax.cond(jnp.all(opt | st.polished), lambda _: (wb, opt, opt), rest, None)
@@ -310,7 +311,7 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
     Gwp = _mv(G, wp)
     Fp, gapp, res0p, convp, _ = measures(wp, Gwp)
     ok &= ~st.polished & (Fp <= st.F + 4 * eps * jnp.abs(st.F)) & ((gapp <= st.gap) | lam0 | ~full)
-    sel = lambda a, b: jnp.where(ok.reshape(ok.shape + (1,) * (a.ndim - 1)), a, b)
+    sel = functools.partial(_where_members, ok)
     w, Gw = sel(wp, st.w), sel(Gwp, st.Gw)
     _, _, _, conv, progress = measures(w, Gw)
     done = st.done | conv
@@ -333,7 +334,7 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
     restart = ((y - w) * (w - st.w)).sum(-1) > 0
     F, gap, res0, conv, progress = measures(w, Gw)
     live = ~st.done
-    keep = lambda a, b: jnp.where(live.reshape(live.shape + (1,) * (a.ndim - 1)), a, b)
+    keep = functools.partial(_where_members, live)
     st = _State(st.it + 1, keep(w, st.w), keep(st.w, st.w_prev), keep(Gw, st.Gw), keep(st.Gw, st.Gw_prev),
                 keep(jnp.where(restart, 1, t_next), st.t), keep(mu, st.mu), keep(F, st.F), keep(gap, st.gap),
                 keep(res0, st.res0), st.done | (live & conv), st.iters + live, st.thr, st.polished)
@@ -357,7 +358,7 @@ def _solve_centred(G, c, s, lam, cfg: _Config):
   tw, _ = _prox(st.w - 2 * (st.Gw - c) * inv_L[:, None], tau, st.mu, simplex)
   res = jnp.where(flat, 0, jnp.abs(st.w - tw).max(-1))
   status = jnp.where(bad, NONFINITE, jnp.where(st.done, CONVERGED, MAX_ITER)).astype(jnp.int32)
-  nan = lambda a: jnp.where(bad.reshape(bad.shape + (1,) * (a.ndim - 1)), jnp.nan, a)
+  nan = functools.partial(_where_members, bad, jnp.nan)
   return nan(st.w), nan(st.F), nan(st.gap), nan(res), st.iters, status
 
 
